@@ -1,0 +1,165 @@
+"""Checkpoints: the project's own format, and the bare state_dicts of public CIFAR ResNets.
+
+The project's format is a dict that carries everything needed to rebuild the model:
+`{"format": "layer-probe/1", "arch": "resnet56", "arch_kwargs": {...}, "state_dict": {...},
+"meta": {...}}`. Files are always read with `torch.load(weights_only=True)`: a file that
+needs arbitrary unpickling is refused and nothing in it runs.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .errors import LayerProbeError
+from .files import atomic_path
+from .models import build_model, is_cifar
+
+FORMAT = "layer-probe/1"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model rebuilt from a file, with what the file said about it."""
+
+    model: nn.Module
+    arch: str
+    arch_kwargs: dict[str, Any]
+    path: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Input normalisation mean; third-party CIFAR checkpoints default to ImageNet's."""
+        return tuple(self.meta.get("normalization", {}).get("mean", IMAGENET_MEAN))
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.meta.get("normalization", {}).get("std", IMAGENET_STD))
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, arch: str, arch_kwargs: dict[str, Any] | None = None,
+                    meta: dict[str, Any] | None = None) -> None:
+    """Write the project's checkpoint format atomically (fp32 weights on the CPU)."""
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "state_dict": state,
+               "meta": dict(meta or {})}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """`torch.load(path, weights_only=True)` with every failure turned into one clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise LayerProbeError(f"{path}: no such file")
+    if path.is_dir():
+        raise LayerProbeError(f"{path}: is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise LayerProbeError(f"{path}: empty file, not a checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise LayerProbeError(f"{path}: refused: loading it would need arbitrary unpickling, which can run code; "
+                                  "only plain tensors and containers are accepted") from None
+        raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle: {_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged files
+        raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return {"state_dict": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        raise LayerProbeError(f"{path}: holds a {type(obj).__name__} without a 'state_dict'; expected a state_dict "
+                              "or a dict with one")
+    return obj
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None, *, device: str | torch.device = "cpu",
+                    **arch_kwargs: Any) -> Checkpoint:
+    """Rebuild the model stored in `path`, in eval mode on `device`.
+
+    Args:
+        path: a layer-probe checkpoint, a bare state_dict, or `{'state_dict': ...}` (keys may
+            carry DataParallel's `module.` prefix), e.g. the public akamaster CIFAR ResNets.
+        arch: architecture name; needed when the file does not say and the keys cannot tell
+            (plain and option-A ResNet weights have the same names and shapes).
+    """
+    obj = read_file(path)
+    state = {re.sub(r"^module\.", "", k): v for k, v in obj["state_dict"].items()}
+    _check_tensors(path, state)
+    stored = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+    if stored and arch and arch != stored:
+        raise LayerProbeError(f"{path}: the file says its architecture is {stored}, but --arch {arch} was given")
+    kwargs = dict(obj.get("arch_kwargs") or {}) | arch_kwargs
+    if not (arch or stored):
+        arch, inferred = infer_arch(path, state)
+        kwargs = inferred | kwargs
+    arch = arch or stored
+    if is_cifar(arch) and arch.startswith("resnet") and any(".shortcut.0.weight" in k for k in state):
+        kwargs.setdefault("shortcut", "B")
+    model = build_model(arch, **kwargs)
+    _load_state(path, model, state, arch)
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    if "best_prec1" in obj and "top1" not in meta:
+        meta = meta | {"reported_top1": float(obj["best_prec1"])}
+    return Checkpoint(model.to(device).eval(), arch, kwargs, str(path), meta)
+
+
+def infer_arch(path: str | Path, state: dict[str, Tensor]) -> tuple[str, dict[str, Any]]:
+    """Architecture name and constructor arguments from a state_dict's keys and shapes."""
+    blocks = lambda stage: len({k.split(".")[1] for k in state if k.startswith(f"layer{stage}.")})  # noqa: E731
+    if "linear.weight" in state and blocks(1) and not blocks(4):
+        depth = 6 * blocks(1) + 2
+        if any(".shortcut.0.weight" in k for k in state):
+            return f"resnet{depth}", {"shortcut": "B"}
+        raise LayerProbeError(f"{path}: CIFAR network of depth {depth}, but plain{depth} and option-A resnet{depth} "
+                              f"have identical weights; pass --arch resnet{depth} or --arch plain{depth}")
+    if "fc.weight" in state and blocks(4):
+        counts = tuple(blocks(i) for i in range(1, 5))
+        bottleneck = "layer1.0.conv3.weight" in state
+        depth = {(False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50,
+                 (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152}.get((bottleneck, counts))
+        if depth is not None:
+            conv2 = state["layer1.0.conv2.weight"]
+            if conv2.shape[1] != conv2.shape[0]:  # grouped 3x3 convs: ResNeXt
+                return {50: "resnext50_32x4d", 101: "resnext101_32x8d"}.get(depth, f"resnet{depth}"), {}
+            if bottleneck and conv2.shape[0] == 128:
+                return f"wide_resnet{depth}_2", {}
+            return f"resnet{depth}", {}
+    raise LayerProbeError(f"{path}: cannot tell the architecture from its keys; pass --arch "
+                          "(see layer_probe.models.list_models())")
+
+
+def _check_tensors(path: str | Path, state: dict[str, Any]) -> None:
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise LayerProbeError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise LayerProbeError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or Inf, e.g. {nonfinite[0]}")
+
+
+def _load_state(path: str | Path, model: nn.Module, state: dict[str, Tensor], arch: str) -> None:
+    """load_state_dict with the mismatch named: missing keys, unexpected keys, wrong shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"wrong shapes: {shapes[:3]}" if shapes else ""]
+        raise LayerProbeError(f"{path}: weights do not fit {arch}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state, strict=False)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -1,0 +1,187 @@
+"""Command line: `layer-probe SUBCOMMAND ...`. Each subcommand parses its arguments into the
+library's configuration objects and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .errors import LayerProbeError
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerProbeError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends a run like Ctrl-C; the last finished epoch is already saved."""
+    raise KeyboardInterrupt
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="CIFAR-10: cifar-10-batches-py folder, ImageFolder tree or .tar.gz "
+                                  "(default: $LAYER_PROBE_DATA)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first (needs network)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _add_probe_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p)
+    p.add_argument("--arch", help="architecture, when the checkpoint does not say (e.g. resnet20, plain20)")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--limit", type=_positive, help="probe a seeded random subset of N images")
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--sites", default="3x3", help="'3x3' (Fig. 7), 'all-bn', or a regex over site names")
+    p.add_argument("--bn-mode", choices=("eval", "train"), default="eval",
+                   help="BN with running statistics (eval) or batch statistics (train)")
+    p.add_argument("--axes", choices=("all", "channel"), default="all",
+                   help="std over all N*C*H*W elements, or the mean of per-channel stds")
+    p.add_argument("--amp", choices=("bf16",), help="autocast the forward pass (statistics stay float64)")
+    p.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (overrides the checkpoint)")
+    p.add_argument("--std", type=float, nargs=3, help="input normalisation std (overrides the checkpoint)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layer-probe", description="Layer responses of plain and residual "
+                                     "networks (He et al. 2016, Section 4.2, Fig. 7).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("responses", help="std of every 3x3 conv's BN output, in network order and sorted")
+    p.add_argument("checkpoint")
+    _add_probe_args(p)
+    p.add_argument("--out", type=Path, help="write responses.json and responses.csv into this folder")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--plot", type=Path, help="write the two-panel Fig. 7 plot (.png, .pdf or .svg)")
+    p.add_argument("--style", choices=("report", "paper"), default="report")
+
+    p = sub.add_parser("sites", help="list a model's probe sites with their roles")
+    p.add_argument("checkpoint", help="a checkpoint file, or an architecture name such as resnet50")
+    p.add_argument("--arch")
+    p.add_argument("--sites", default="all-bn")
+
+    p = sub.add_parser("train", help="train a CIFAR network, recording its responses every epoch")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--recipe", choices=("paper", "fast"), default="fast")
+    p.add_argument("--epochs", type=_positive, help="override the recipe's number of epochs")
+    p.add_argument("--out", type=Path, help="checkpoint path (default: checkpoints/ARCH.pt)")
+    p.add_argument("--run-dir", type=Path, help="resumable state (default: ~/.cache/layer-probe/runs/<out stem>)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --run-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-every", type=int, default=1, help="epochs between response probes")
+    p.add_argument("--no-probe", action="store_true", help="do not record response dynamics")
+    p.add_argument("--limit", type=_positive, help="train on a seeded subset of N images (smoke tests)")
+    _add_data_args(p)
+    return parser
+
+
+def cmd_responses(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import load_cifar10, to_tensors
+    from .files import check_writable
+    from .results import ProbeConfig, format_table, measure_responses
+
+    if args.out:
+        check_writable(args.out)
+    if args.plot:
+        check_writable(args.plot.parent)
+        from .plots import check_suffix
+        check_suffix(args.plot)
+    device = _device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, args.arch, device=device)
+    data = load_cifar10(args.data, args.split, download=args.download)
+    images, labels = to_tensors(data, args.limit, device)
+    config = ProbeConfig(sites=args.sites, bn_mode=args.bn_mode, axes=args.axes, batch_size=args.batch_size, amp=args.amp)
+    meta = {"checkpoint": args.checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "data": data.source,
+            "data_sha256": data.sha256, "split": args.split, "limit": args.limit, "device": device,
+            "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
+    responses = measure_responses(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]), config,
+                                  meta=meta, progress=True)
+    if args.out:
+        responses.save(args.out)
+    if args.plot:
+        from .plots import plot_responses, save_figure
+        save_figure(plot_responses([responses], style=args.style), args.plot)
+    if args.format == "json":
+        sys.stdout.write(responses.to_json())
+    elif args.format == "csv":
+        sys.stdout.write(responses.to_dataframe().to_csv(index=False))
+    else:
+        print(format_table(responses))
+    bad = [s for s in responses.sites if s.nonfinite]
+    for s in bad:
+        print(f"warning: site {s.name} produced {s.nonfinite} non-finite value(s); its std is undefined", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    from .models import MODELS, build_model
+    from .sites import find_sites
+
+    if args.checkpoint in MODELS and not Path(args.checkpoint).exists():
+        model = build_model(args.checkpoint)
+    else:
+        from .checkpoint import load_checkpoint
+        model = load_checkpoint(args.checkpoint, args.arch).model
+    layout = find_sites(model).select(args.sites)
+    print(f"{'index':>5}  {'name':<28} {'role':<10} {'stage':>5} {'block':>5} {'channels':>8} {'kernel':>6}")
+    for s in layout.sites:
+        print(f"{s.index:>5}  {s.name:<28} {s.role:<10} {s.stage:>5} {s.block:>5} {s.channels:>8} {s.kernel:>4}x{s.kernel}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import RECIPES, TrainConfig, train
+
+    recipe = RECIPES[args.recipe]
+    if args.epochs:
+        recipe = replace(recipe, epochs=args.epochs)
+    if args.probe_every < 0:
+        raise LayerProbeError(f"--probe-every must be 0 or more, got {args.probe_every}")
+    out = args.out or Path("checkpoints") / f"{args.arch}.pt"
+    from .files import check_writable
+    check_writable(out.parent)
+    config = TrainConfig(arch=args.arch, out=out, recipe=recipe, data=args.data, seed=args.seed,
+                         device=_device(args.device), run_dir=args.run_dir,
+                         probe_every=0 if args.no_probe else args.probe_every, limit=args.limit)
+    if args.download:
+        from .data import load_cifar10
+        load_cifar10(args.data, "test", download=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"wrote {train(config, resume=args.resume)}")
+    return 0
+
+
+COMMANDS = {"responses": cmd_responses, "sites": cmd_sites, "train": cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `layer-probe` command; returns the exit code (2 for user errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LayerProbeError as e:
+        print(f"layer-probe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layer-probe: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,251 @@
+"""CIFAR-10 as uint8 arrays: from torchvision's `cifar-10-batches-py`, an ImageFolder tree
+(`train/<class>/*`, `test/<class>/*`) or a tar/tar.gz of one.
+
+Decoded images are cached as uint8 arrays, keyed by the source's checksum, so the second
+run starts in seconds. Classes are in the standard CIFAR-10 order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import sys
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import LayerProbeError
+from .files import atomic_path
+
+Split = Literal["train", "test"]
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DATA_ENV = "LAYER_PROBE_DATA"
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One split of CIFAR-10 in memory."""
+
+    images: np.ndarray  # [N, 32, 32, 3] uint8, RGB
+    labels: np.ndarray  # [N] int64, index into CLASSES
+    source: str  # the path it was read from
+    split: Split
+    sha256: str  # of the archive file, or of a folder's file listing
+    skipped: tuple[str, ...] = ()  # unreadable or wrongly sized images left out
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def cache_dir() -> Path:
+    """Where decoded data and training runs are kept: $LAYER_PROBE_CACHE or ~/.cache/layer-probe."""
+    return Path(os.environ.get("LAYER_PROBE_CACHE", Path.home() / ".cache" / "layer-probe"))
+
+
+def resolve_source(data: str | Path | None) -> Path:
+    """The dataset path from `--data`, else from $LAYER_PROBE_DATA."""
+    data = data or os.environ.get(DATA_ENV)
+    if not data:
+        raise LayerProbeError(f"no dataset given: pass --data PATH or set {DATA_ENV} to a cifar-10-batches-py "
+                              "folder, an ImageFolder tree (train/<class>/, test/<class>/) or a .tar.gz of one; "
+                              "with network access, --download fetches CIFAR-10 into PATH")
+    return Path(data).expanduser()
+
+
+def load_cifar10(data: str | Path | None, split: Split = "test", *, download: bool = False,
+                 use_cache: bool = True) -> ImageSet:
+    """Read one split of CIFAR-10 from any supported source, through the uint8 cache."""
+    if split not in ("train", "test"):
+        raise LayerProbeError(f"split must be 'train' or 'test', got {split!r}")
+    path = resolve_source(data)
+    if download:
+        _download(path)
+    if not path.exists():
+        raise LayerProbeError(f"dataset not found: {path} (pass --data, set {DATA_ENV}, or use --download "
+                              "on a machine with network access)")
+    batches = _batches_folder(path)
+    digest = _digest(batches or path)
+    cached = cache_dir() / "data" / f"{digest[:16]}-{split}.npz"
+    if use_cache and cached.exists():
+        with np.load(cached, allow_pickle=False) as z:
+            return ImageSet(z["images"], z["labels"], str(path), split, digest, tuple(z["skipped"].tolist()))
+    if batches:
+        images, labels, skipped = _read_batches(batches, split)
+    elif path.is_dir():
+        images, labels, skipped = _read_tree(_walk_folder(path, split), path, split)
+    else:
+        images, labels, skipped = _read_tree(_walk_tar(path, split), path, split)
+    if use_cache:
+        with atomic_path(cached) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=labels, skipped=np.array(skipped, dtype=str))
+    return ImageSet(images, labels, str(path), split, digest, tuple(skipped))
+
+
+def to_tensors(data: ImageSet, limit: int | None = None, device: str | torch.device = "cpu",
+               seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Images and labels as tensors: [N, 32, 32, 3] uint8 and [N] int64.
+
+    With a `limit` below the split's size, the images are a seeded random subset (the
+    files are sorted by class, so the first N would all be airplanes).
+    """
+    if limit is not None and limit < 1:
+        raise LayerProbeError(f"--limit must be a positive number of images, got {limit}")
+    if len(data) == 0:
+        raise LayerProbeError(f"{data.source}: the {data.split} split has no images")
+    index = subset(len(data), limit, seed)
+    return torch.from_numpy(data.images[index]).to(device), torch.from_numpy(data.labels[index]).to(device)
+
+
+def subset(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of a seeded random subset of `limit` of `n` items, in increasing order (all of them without a limit)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], scaled to [0, 1] then normalised per channel."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def batches(images: Tensor, labels: Tensor, batch_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+            *, channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Normalised batches in order, converted one batch at a time (the uint8 set stays small)."""
+    if batch_size < 1:
+        raise LayerProbeError(f"--batch-size must be at least 1, got {batch_size}")
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start:start + batch_size], mean, std)
+        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[start:start + batch_size]
+
+
+def _download(root: Path) -> None:
+    import torchvision
+
+    try:
+        torchvision.datasets.CIFAR10(str(root), download=True)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise LayerProbeError(f"could not download CIFAR-10 into {root}: {e}") from None
+
+
+def _batches_folder(path: Path) -> Path | None:
+    """`path` itself or `path/cifar-10-batches-py` if it holds torchvision's pickled batches."""
+    for candidate in (path, path / "cifar-10-batches-py"):
+        if (candidate / "test_batch").is_file():
+            return candidate
+    return None
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's listing (relative names, sizes, mtimes)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and builtins only: a data file must not be able to run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_batches(folder: Path, split: Split) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        try:
+            with open(folder / name, "rb") as f:
+                entry = _ArrayUnpickler(f, encoding="bytes").load()
+            data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            images.append(data)
+            labels.append(np.asarray(entry[b"labels"], dtype=np.int64))
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
+            raise LayerProbeError(f"{folder / name}: not a readable CIFAR-10 batch ({e})") from None
+    return np.concatenate(images), np.concatenate(labels), []
+
+
+def _class_of(parts: tuple[str, ...], split: Split) -> str | None:
+    """The class folder of an image path `.../<split>/<class>/<file>`, or None if it is elsewhere."""
+    return parts[-2] if len(parts) >= 3 and parts[-3] == split and parts[-1].lower().endswith(_IMAGE_SUFFIXES) else None
+
+
+def _walk_folder(root: Path, split: Split) -> Iterator[tuple[str, str, bytes]]:
+    split_dirs = [p for p in root.rglob(split) if p.is_dir()]
+    if not split_dirs:
+        raise LayerProbeError(f"{root}: no '{split}/' folder; expected {split}/<class>/<image> for the 10 CIFAR-10 "
+                              "classes, or a cifar-10-batches-py folder")
+    for p in sorted(split_dirs[0].glob("*/*")):
+        cls = _class_of(p.parts, split)
+        if cls is not None:
+            yield str(p), cls, p.read_bytes()
+
+
+def _walk_tar(path: Path, split: Split) -> Iterator[tuple[str, str, bytes]]:
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                cls = _class_of(Path(member.name).parts, split) if member.isfile() else None
+                if cls is not None:
+                    yield member.name, cls, tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise LayerProbeError(f"{path}: not a readable tar archive of CIFAR-10 images "
+                              f"({type(e).__name__}: {e}); is the file truncated?") from None
+
+
+def _read_tree(entries: Iterator[tuple[str, str, bytes]], source: Path, split: Split
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode (name, class, bytes) entries into arrays; undecodable or non-32x32 images are skipped."""
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels, skipped, unknown = [], [], [], set()
+    for name, cls, raw in entries:
+        if cls not in CLASSES:
+            unknown.add(cls)
+            continue
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            skipped.append(name)
+            continue
+        if arr.shape != (32, 32, 3):
+            skipped.append(name)
+            continue
+        images.append(arr)
+        labels.append(CLASSES.index(cls))
+    if unknown:
+        raise LayerProbeError(f"{source}: class folders {sorted(unknown)} are not CIFAR-10 classes {list(CLASSES)}")
+    if skipped:
+        print(f"warning: {source}: skipped {len(skipped)} unreadable or non-32x32 image(s), e.g. {skipped[0]}",
+              file=sys.stderr)
+    if not images:
+        raise LayerProbeError(f"{source}: no readable images in the {split} split")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), skipped

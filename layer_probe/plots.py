@@ -1,0 +1,87 @@
+"""Report plots: Fig. 7's two panels (std by layer index; std sorted descending) and friends.
+
+Plot functions take results and an optional axes, return the figure and never show it;
+`save_figure` picks the format from the suffix and writes deterministic files (no dates
+in SVG/PDF metadata, fixed hash salt) atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .errors import LayerProbeError  # noqa: E402
+from .files import atomic_path  # noqa: E402
+from .results import Responses  # noqa: E402
+
+Style = Literal["report", "paper"]
+FORMATS = (".png", ".pdf", ".svg")
+SINGLE_COLUMN = 3.4  # inches, a journal's single-column width
+
+
+def check_suffix(path: str | Path) -> None:
+    """Refuse an output format we cannot write before any work starts."""
+    if Path(path).suffix.lower() not in FORMATS:
+        raise LayerProbeError(f"{path}: plot format must be one of {', '.join(FORMATS)}")
+
+
+def _style(style: Style) -> dict:
+    import seaborn as sns
+
+    base = sns.axes_style("whitegrid") if style == "report" else sns.axes_style("ticks")
+    return base | sns.plotting_context("paper", font_scale=0.9) | {"svg.hashsalt": "layer-probe", "font.family": "DejaVu Sans"}
+
+
+def _depth(r: Responses) -> int:
+    digits = "".join(c for c in r.meta.get("arch", "") if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def _colors(responses: Sequence[Responses]) -> dict[int, tuple]:
+    import seaborn as sns
+
+    depths = sorted({_depth(r) for r in responses})
+    return dict(zip(depths, sns.color_palette("colorblind", len(depths))))
+
+
+def plot_responses(responses: Sequence[Responses], *, style: Style = "report") -> Figure:
+    """Fig. 7: std of each site by layer index (top) and sorted in descending order (bottom).
+
+    Plain nets are dashed, ResNets solid, one colour per depth.
+    """
+    with plt.rc_context(_style(style)):
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(SINGLE_COLUMN * 1.6, SINGLE_COLUMN * 1.7), layout="constrained")
+        colors = _colors(responses)
+        for r in responses:
+            plain = r.meta.get("arch", "").startswith("plain")
+            kw = {"color": colors[_depth(r)], "linestyle": "--" if plain else "-", "linewidth": 1.0, "label": r.label}
+            top.plot([s.index for s in r.sites], r.std(), **kw)
+            bottom.plot(range(1, len(r) + 1), [s.std for s in r.sorted()], **kw)
+        top.set(xlabel="layer index (3×3 conv, network order)", ylabel="std of BN output")
+        bottom.set(xlabel="layer index (sorted by std)", ylabel="std of BN output")
+        if style == "paper":
+            for ax in (top, bottom):
+                ax.spines[["top", "right"]].set_visible(False)
+        handles, labels = top.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", frameon=False)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save as PNG (300 dpi), PDF or SVG, chosen by the suffix; deterministic bytes for PDF/SVG."""
+    path = Path(path)
+    check_suffix(path)
+    fmt = path.suffix.lower()[1:]
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None, "Producer": None},
+                "svg": {"Date": None}}[fmt]
+    with atomic_path(path) as tmp, plt.rc_context({"svg.hashsalt": "layer-probe"}):
+        fig.savefig(tmp, format=fmt, dpi=300, metadata=metadata)
+    plt.close(fig)
+    return path
