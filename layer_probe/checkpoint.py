@@ -67,10 +67,13 @@ def read_file(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise LayerProbeError(f"{path}: refused: loading it would need arbitrary unpickling, which can run code; "
-                                  "only plain tensors and containers are accepted") from None
-        raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint (corrupt pickle: {_first_line(e)})") from None
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) (?:GLOBAL )?([\w.]+)", str(e))
+        if found:
+            raise LayerProbeError(f"{path}: refused: it asks to import {found.group(1)} while loading, which can run "
+                                  "code; only tensors and plain containers are accepted") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint (corrupt or not a pickle: "
+                              f"{reason.group(1).strip() if reason else _first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged files
         raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):

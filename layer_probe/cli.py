@@ -99,6 +99,7 @@ def cmd_responses(args: argparse.Namespace) -> int:
     from .data import load_cifar10, to_tensors
     from .files import check_writable
     from .results import ProbeConfig, format_table, measure_responses
+    from .sites import find_sites
 
     if args.out:
         check_writable(args.out)
@@ -108,6 +109,7 @@ def cmd_responses(args: argparse.Namespace) -> int:
         check_suffix(args.plot)
     device = _device(args.device)
     ckpt = load_checkpoint(args.checkpoint, args.arch, device=device)
+    layout = find_sites(ckpt.model).select(args.sites)
     data = load_cifar10(args.data, args.split, download=args.download)
     images, labels = to_tensors(data, args.limit, device)
     config = ProbeConfig(sites=args.sites, bn_mode=args.bn_mode, axes=args.axes, batch_size=args.batch_size, amp=args.amp)
@@ -115,7 +117,7 @@ def cmd_responses(args: argparse.Namespace) -> int:
             "data_sha256": data.sha256, "split": args.split, "limit": args.limit, "device": device,
             "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
     responses = measure_responses(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]), config,
-                                  meta=meta, progress=True)
+                                  meta=meta, progress=True, layout=layout)
     if args.out:
         responses.save(args.out)
     if args.plot:

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .errors import LayerProbeError  # noqa: E402
 from .files import atomic_path  # noqa: E402
@@ -69,6 +70,8 @@ def plot_responses(responses: Sequence[Responses], *, style: Style = "report") -
         if style == "paper":
             for ax in (top, bottom):
                 ax.spines[["top", "right"]].set_visible(False)
+        for ax in (top, bottom):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles, labels = top.get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", frameon=False)
     return fig

@@ -36,11 +36,13 @@ class BlockNorms:
     cosine: list[Tensor] = field(default_factory=list)
 
     def add(self, f: Tensor, x: Tensor) -> None:
-        f, x = f.detach().flatten(1).float(), x.detach().flatten(1).float()
-        fn, xn = f.norm(dim=1), x.norm(dim=1)
+        """Record one batch: f and x are [N, ...] of the same shape."""
+        f, x = f.detach().float(), x.detach().float()
+        dims = tuple(range(1, f.ndim))
+        fn, xn = torch.linalg.vector_norm(f, dim=dims), torch.linalg.vector_norm(x, dim=dims)
         self.f_norm.append(fn.double())
         self.x_norm.append(xn.double())
-        self.cosine.append(((f * x).sum(1) / (fn * xn)).double())
+        self.cosine.append(((f * x).sum(dims) / (fn * xn)).double())
 
     def ratio(self) -> Tensor:
         """||F(x)|| / ||x|| per image, [N] float64."""
@@ -53,7 +55,7 @@ class Recording:
 
     layout: Layout
     batches: dict[str, list[Moments]]  # site name -> one [C] Moments per batch
-    nonfinite: dict[str, list[Tensor]]  # site name -> one scalar count per batch
+    nonfinite: dict[str, list[Tensor]]  # site name -> per batch: NaN/Inf count, or a 0/1 flag (see Probe)
     blocks: dict[str, BlockNorms]  # block name -> norms (only when ratios were asked for)
 
     def moments(self, name: str) -> Moments:
@@ -68,6 +70,9 @@ class Recording:
 class Probe:
     """Context manager that records the responses of `layout`'s sites while the model runs.
 
+    Non-finite values are flagged per batch at no cost; `count_nonfinite=True` counts them
+    exactly, at the price of one more pass over each activation.
+
     Example:
         >>> layout = find_sites(model).select("3x3")
         >>> with Probe(model, layout) as probe:
@@ -76,8 +81,10 @@ class Probe:
         >>> probe.recording.moments("layer1.0.bn2").std()
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, *, bn_mode: BNMode = "eval", ratios: bool = False):
+    def __init__(self, model: nn.Module, layout: Layout, *, bn_mode: BNMode = "eval", ratios: bool = False,
+                 count_nonfinite: bool = False):
         self.model, self.layout, self.bn_mode, self.ratios = model, layout, bn_mode, ratios
+        self.count_nonfinite = count_nonfinite
         self.recording = Recording(layout, {s.name: [] for s in layout.sites}, {s.name: [] for s in layout.sites},
                                    {b.name: BlockNorms() for b in layout.blocks} if ratios else {})
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -130,8 +137,12 @@ class Probe:
         batches, nonfinite = self.recording.batches[name], self.recording.nonfinite[name]
 
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            batches.append(Moments.of(out))
-            nonfinite.append(out.numel() - torch.isfinite(out).sum())
+            m = Moments.of(out)
+            batches.append(m)
+            if self.count_nonfinite:  # an extra pass over the activations
+                nonfinite.append(out.numel() - torch.isfinite(out).sum())
+            else:  # free: any NaN/Inf value makes its channel's mean or M2 non-finite
+                nonfinite.append((~torch.isfinite(m.mean + m.m2)).any().long())
 
         return hook
 
@@ -181,6 +192,12 @@ class PassResult:
     correct: int
 
     @property
+    def any_nonfinite(self) -> bool:
+        """Whether any site saw a NaN or Inf (one host sync)."""
+        flags = [c for counts in self.recording.nonfinite.values() for c in counts]
+        return bool(torch.stack(flags).any()) if flags else False
+
+    @property
     def top1(self) -> float:
         """Top-1 accuracy in percent."""
         return 100.0 * self.correct / self.images if self.images else float("nan")
@@ -188,7 +205,7 @@ class PassResult:
 
 def run_probe(model: nn.Module, layout: Layout, batches: Iterable[tuple[Tensor, Tensor]], *,
               bn_mode: BNMode = "eval", ratios: bool = False, total: int | None = None,
-              amp: Literal["bf16"] | None = None, progress: bool = True) -> PassResult:
+              amp: Literal["bf16"] | None = None, progress: bool = True, count_nonfinite: bool = False) -> PassResult:
     """One pass over `batches` ([N, 3, H, W] images, [N] labels) with the probe attached.
 
     Returns the recording and the top-1 accuracy measured in the same pass. `amp="bf16"`
@@ -196,7 +213,7 @@ def run_probe(model: nn.Module, layout: Layout, batches: Iterable[tuple[Tensor, 
     """
     device = next(model.parameters()).device
     correct, images = torch.zeros((), dtype=torch.long, device=device), 0
-    with Probe(model, layout, bn_mode=bn_mode, ratios=ratios) as probe, torch.inference_mode():
+    with Probe(model, layout, bn_mode=bn_mode, ratios=ratios, count_nonfinite=count_nonfinite) as probe, torch.inference_mode():
         bar = tqdm(total=total, unit="img", desc="probe", disable=not progress or None, leave=False)
         with bar:
             for x, y in batches:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .files import write_text
-from .probe import PassResult
+from .data import batches
+from .probe import PassResult, run_probe
+from .sites import Layout, find_sites
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -172,15 +174,19 @@ class ProbeConfig:
 
 def measure_responses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
                       std: tuple[float, ...], config: ProbeConfig = ProbeConfig(), *,
-                      meta: dict[str, Any] | None = None, progress: bool = True) -> Responses:
-    """Probe `model` on uint8 images [N, 32, 32, 3] with labels [N] and summarise the responses."""
-    from .data import batches
-    from .probe import run_probe
-    from .sites import find_sites
+                      meta: dict[str, Any] | None = None, progress: bool = True, layout: Layout | None = None
+                      ) -> Responses:
+    """Probe `model` on uint8 images [N, 32, 32, 3] with labels [N] and summarise the responses.
 
-    layout = find_sites(model).select(config.sites)
-    result = run_probe(model, layout, batches(images, labels, config.batch_size, mean, std), bn_mode=config.bn_mode,
-                       ratios=config.ratios, total=len(labels), amp=config.amp, progress=progress)
+    `layout` is the model's selected sites when already known (default: `config.sites` of `find_sites(model)`).
+    """
+    layout = layout or find_sites(model).select(config.sites)
+    for count_nonfinite in (False, True):  # a second pass counts NaN/Inf values exactly, only if there are any
+        result = run_probe(model, layout, batches(images, labels, config.batch_size, mean, std),
+                           bn_mode=config.bn_mode, ratios=config.ratios, total=len(labels), amp=config.amp,
+                           progress=progress, count_nonfinite=count_nonfinite)
+        if not result.any_nonfinite:
+            break
     settings = {"sites_rule": config.sites, "bn_mode": config.bn_mode, "amp": config.amp,
                 "batch_size": config.batch_size, "torch": torch.__version__}
     return summarize(result, axes=config.axes, meta=settings | (meta or {}))

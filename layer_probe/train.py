@@ -63,7 +63,7 @@ RECIPES = {
     # 64k iterations of 128 images out of 45k = 182 epochs.
     "paper": Recipe("paper", epochs=182, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False,
                     label_smoothing=0.0, bf16=False, schedule="steps", milestones=(32000, 48000), holdout=5000),
-    "fast": Recipe("fast", epochs=30, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=True,
+    "fast": Recipe("fast", epochs=40, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=True,
                    label_smoothing=0.1, bf16=True, schedule="onecycle"),
 }
 

@@ -1,0 +1,117 @@
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from layer_probe.checkpoint import infer_arch, load_checkpoint, read_file, save_checkpoint
+from layer_probe.errors import LayerProbeError
+from layer_probe.models import build_model
+
+
+def public_layout(model):
+    """The akamaster layout: {'state_dict': {'module.' + key}} without num_batches_tracked, plus best_prec1."""
+    state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return {"state_dict": state, "best_prec1": 91.5}
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    model = build_model("resnet8", shortcut="B")
+    save_checkpoint(tmp_path / "m.pt", model, "resnet8", {"shortcut": "B"}, {"top1": 12.5, "dataset_sha256": "ab"})
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt.arch == "resnet8" and ckpt.arch_kwargs == {"shortcut": "B"}
+    assert ckpt.meta == {"top1": 12.5, "dataset_sha256": "ab"}
+    assert same_weights(ckpt.model, model) and not ckpt.model.training
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.pt"]  # no temporary file left
+
+
+def test_public_layout_needs_arch_and_loads_with_it(tmp_path):
+    model = build_model("resnet20")
+    torch.save(public_layout(model), tmp_path / "r.th")
+    with pytest.raises(LayerProbeError, match="pass --arch resnet20 or --arch plain20"):
+        load_checkpoint(tmp_path / "r.th")
+    ckpt = load_checkpoint(tmp_path / "r.th", "resnet20")
+    assert same_weights(ckpt.model, model) and ckpt.meta == {"reported_top1": 91.5}
+    assert ckpt.mean == (0.485, 0.456, 0.406)  # ImageNet statistics for third-party CIFAR files
+
+
+def test_bare_state_dict_with_option_b_is_inferred(tmp_path):
+    torch.save(build_model("resnet20", shortcut="B").state_dict(), tmp_path / "b.pt")
+    ckpt = load_checkpoint(tmp_path / "b.pt")
+    assert ckpt.arch == "resnet20" and ckpt.arch_kwargs == {"shortcut": "B"}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d"])
+def test_torchvision_architectures_are_inferred(arch):
+    state = getattr(torchvision.models, arch)().state_dict()
+    assert infer_arch("x", state) == (arch, {})
+
+
+def test_wrong_architecture_names_missing_and_unexpected_keys(tmp_path):
+    torch.save(build_model("resnet20").state_dict(), tmp_path / "r.pt")
+    with pytest.raises(LayerProbeError, match=r"weights do not fit resnet32: \d+ missing .*layer1.3"):
+        load_checkpoint(tmp_path / "r.pt", "resnet32")
+    state = build_model("resnet20").state_dict()
+    state["linear.weight"] = torch.zeros(5, 64)
+    torch.save(state, tmp_path / "s.pt")
+    with pytest.raises(LayerProbeError, match=r"wrong shapes: \['linear.weight \(5, 64\) != \(10, 64\)'\]"):
+        load_checkpoint(tmp_path / "s.pt", "resnet20")
+
+
+def test_conflicting_arch_and_nan_weights(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", build_model("resnet8"), "resnet8")
+    with pytest.raises(LayerProbeError, match="says its architecture is resnet8"):
+        load_checkpoint(tmp_path / "m.pt", "plain8")
+    state = build_model("plain8").state_dict()
+    state["layer1.0.bn1.weight"][3] = float("inf")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(LayerProbeError, match="NaN or Inf, e.g. layer1.0.bn1.weight"):
+        load_checkpoint(tmp_path / "nan.pt", "plain8")
+
+
+class CreatesFile:
+    """Unpickling this calls os.system, which would create a file."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "payload": CreatesFile(marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(CreatesFile(marker), f)
+    for name in ("evil.pt", "evil.pkl"):
+        with pytest.raises(LayerProbeError, match="refused|not a readable"):
+            load_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty file"), (b"\x89PNG\r\n\x1a\n" + bytes(100), "not a readable"),
+                                              (None, "is a directory"), ("missing", "no such file")])
+def test_broken_files_give_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    with pytest.raises(LayerProbeError, match=message):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", build_model("resnet8"), "resnet8")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LayerProbeError, match="not a readable PyTorch checkpoint"):
+        read_file(Path(tmp_path / "cut.pt"))

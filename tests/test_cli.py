@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from layer_probe.checkpoint import save_checkpoint
+from layer_probe.cli import main
+from test_probe import trained_like
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "resnet8.pt"
+    save_checkpoint(path, trained_like("resnet8"), "resnet8", meta={"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_responses_table(ckpt, tree, capsys):
+    code, out, err = run(capsys, "responses", ckpt, "--data", tree, "--device", "cpu")
+    assert code == 0 and "layer3.0.bn2" in out and "top-1" in out and "on 60 test images" in out
+
+
+def test_responses_json_out_and_plot(ckpt, tree, capsys, tmp_path):
+    code, out, _ = run(capsys, "responses", ckpt, "--data", tree, "--format", "json", "--limit", "30",
+                       "--out", tmp_path / "out", "--plot", tmp_path / "fig7.svg", "--split", "train")
+    assert code == 0
+    payload = json.loads(out)
+    assert {"checkpoint", "arch", "top1", "images", "sites"} <= payload.keys()
+    assert payload["images"] == 30 and payload["split"] == "train" and payload["arch"] == "resnet8"
+    assert set(payload["sites"][0]) >= {"index", "name", "role", "channels", "std", "mean", "rank"}
+    assert json.loads((tmp_path / "out" / "responses.json").read_text())["sites"] == payload["sites"]
+    assert (tmp_path / "out" / "responses.csv").exists() and (tmp_path / "fig7.svg").exists()
+
+
+def test_csv_format(ckpt, tree, capsys):
+    code, out, _ = run(capsys, "responses", ckpt, "--data", tree, "--format", "csv")
+    assert code == 0 and out.splitlines()[0].startswith("index,name,role") and len(out.splitlines()) == 8
+
+
+def test_sites_command(capsys):
+    code, out, _ = run(capsys, "sites", "resnet50", "--sites", "3x3")
+    assert code == 0 and "layer4.2.bn2" in out and len(out.splitlines()) == 17
+
+
+@pytest.mark.parametrize("make, argv, message", [
+    (None, ["responses", "missing.pt"], "no such file"),
+    ("text", ["responses", "{p}"], "not a readable PyTorch checkpoint"),
+    ("ambiguous", ["responses", "{p}"], "pass --arch resnet8 or --arch plain8"),
+    ("ckpt", ["responses", "{p}", "--data", "{tmp}/none"], "dataset not found"),
+    ("ckpt", ["responses", "{p}"], "LAYER_PROBE_DATA"),
+    ("ckpt", ["responses", "{p}", "--plot", "{tmp}/fig.gif"], "plot format"),
+    ("ckpt", ["responses", "{p}", "--sites", "nope"], "no site matches"),
+    (None, ["train", "--arch", "resnet21"], "unknown architecture"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(make, argv, message, tmp_path, capsys, ckpt, tree):
+    path = tmp_path / "x.pt"
+    if make == "text":
+        path.write_text("hello")
+    elif make == "ambiguous":
+        torch.save(trained_like("resnet8").state_dict(), path)
+    elif make == "ckpt":
+        path = ckpt
+    argv = [a.format(p=path, tmp=tmp_path) for a in argv]
+    if argv[0] == "train":
+        argv += ["--data", str(tree), "--out", str(tmp_path / "t.pt"), "--run-dir", str(tmp_path / "run")]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_argument_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["responses", "x.pt", "--limit", "0"])
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_reported_before_work(ckpt, tree, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "responses", ckpt, "--data", tree, "--out", blocker / "sub")
+    assert code == 2 and "cannot write" in err
