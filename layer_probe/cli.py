@@ -45,9 +45,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def _add_probe_args(p: argparse.ArgumentParser) -> None:
+def _add_probe_args(p: argparse.ArgumentParser, *, several: bool = False) -> None:
     _add_data_args(p)
-    p.add_argument("--arch", help="architecture, when the checkpoint does not say (e.g. resnet20, plain20)")
+    if several:
+        p.add_argument("--arch", nargs="+", help="one architecture per checkpoint, for files that do not say")
+    else:
+        p.add_argument("--arch", help="architecture, when the checkpoint does not say (e.g. resnet20, plain20)")
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--limit", type=_positive, help="probe a seeded random subset of N images")
     p.add_argument("--batch-size", type=_positive, default=256)
@@ -74,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="write the two-panel Fig. 7 plot (.png, .pdf or .svg)")
     p.add_argument("--style", choices=("report", "paper"), default="report")
 
+    p = sub.add_parser("analyze", help="is F(x) close to zero? per-block report with CIs, γ, lesions, the rise")
+    p.add_argument("checkpoint")
+    _add_probe_args(p)
+    p.add_argument("--out", type=Path, help="write analysis.json, blocks.csv, sites.csv and responses.* here")
+    p.add_argument("--plot", type=Path, help="per-block plot (.png, .pdf or .svg)")
+    p.add_argument("--style", choices=("report", "paper"), default="report")
+    p.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--lesion-images", type=_positive, default=2000, help="images per lesion pass")
+    p.add_argument("--rise-k", type=_positive, default=1, help="the rise compares the last K sites with the rest")
+    p.set_defaults(batch_size=100)
+
+    p = sub.add_parser("compare", help="Fig. 7 for several checkpoints, with the paper's claims tested")
+    p.add_argument("checkpoints", nargs="*", help=f"default: checkpoints/{{{','.join(FIG7)}}}.pt")
+    _add_probe_args(p, several=True)
+    p.add_argument("--labels", nargs="+", help="one legend label per checkpoint")
+    p.add_argument("--out", type=Path, help="write comparison.json, tests.csv and each model's responses here")
+    p.add_argument("--plot", type=Path, help="Fig. 7's two panels for all models (.png, .pdf or .svg)")
+    p.add_argument("--style", choices=("report", "paper"), default="report")
+
     p = sub.add_parser("sites", help="list a model's probe sites with their roles")
     p.add_argument("checkpoint", help="a checkpoint file, or an architecture name such as resnet50")
     p.add_argument("--arch")
@@ -95,29 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_responses(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
-    from .data import load_cifar10, to_tensors
-    from .files import check_writable
-    from .results import ProbeConfig, format_table, measure_responses
-    from .sites import find_sites
+    from .results import format_table, measure_responses
 
-    if args.out:
-        check_writable(args.out)
-    if args.plot:
-        check_writable(args.plot.parent)
-        from .plots import check_suffix
-        check_suffix(args.plot)
-    device = _device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, args.arch, device=device)
-    layout = find_sites(ckpt.model).select(args.sites)
-    data = load_cifar10(args.data, args.split, download=args.download)
-    images, labels = to_tensors(data, args.limit, device)
-    config = ProbeConfig(sites=args.sites, bn_mode=args.bn_mode, axes=args.axes, batch_size=args.batch_size, amp=args.amp)
-    meta = {"checkpoint": args.checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "data": data.source,
-            "data_sha256": data.sha256, "split": args.split, "limit": args.limit, "device": device,
-            "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
-    responses = measure_responses(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]), config,
-                                  meta=meta, progress=True, layout=layout)
+    _prepare_outputs(args)
+    ckpt, layout, images, labels, meta = _load(args, args.checkpoint, args.arch)
+    responses = measure_responses(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]),
+                                  _probe_config(args), meta=meta, layout=layout)
     if args.out:
         responses.save(args.out)
     if args.plot:
@@ -133,6 +138,94 @@ def cmd_responses(args: argparse.Namespace) -> int:
     for s in bad:
         print(f"warning: site {s.name} produced {s.nonfinite} non-finite value(s); its std is undefined", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _prepare_outputs(args: argparse.Namespace) -> None:
+    """Refuse an unwritable --out or --plot before any work starts."""
+    from .files import check_writable
+    from .plots import check_suffix
+
+    if args.out:
+        check_writable(args.out)
+    if args.plot:
+        check_suffix(args.plot)
+        check_writable(args.plot.parent)
+
+
+def _load(args: argparse.Namespace, checkpoint: str, arch: str | None):  # noqa: ANN202
+    """Load one checkpoint, check its sites, then load the images.
+
+    Returns (checkpoint, selected sites, images, labels, the metadata every output records).
+    """
+    from .checkpoint import load_checkpoint
+    from .data import load_cifar10, to_tensors
+    from .sites import find_sites
+
+    device = _device(args.device)
+    ckpt = load_checkpoint(checkpoint, arch, device=device)
+    layout = find_sites(ckpt.model).select(args.sites)
+    data = load_cifar10(args.data, args.split, download=args.download)
+    images, labels = to_tensors(data, args.limit, device)
+    meta = {"checkpoint": checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "data": data.source,
+            "data_sha256": data.sha256, "split": args.split, "limit": args.limit, "device": device,
+            "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
+    return ckpt, layout, images, labels, meta
+
+
+def _probe_config(args: argparse.Namespace):  # noqa: ANN202
+    from .results import ProbeConfig
+
+    return ProbeConfig(sites=args.sites, bn_mode=args.bn_mode, axes=args.axes, batch_size=args.batch_size, amp=args.amp)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import AnalysisConfig, analyze, format_analysis
+    from .plots import plot_analysis, save_figure
+
+    _prepare_outputs(args)
+    ckpt, layout, images, labels, meta = _load(args, args.checkpoint, args.arch)
+    config = AnalysisConfig(probe=_probe_config(args), bootstrap=args.bootstrap, lesion_images=args.lesion_images,
+                            rise_k=args.rise_k)
+    analysis, responses = analyze(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]), config,
+                                  meta=meta, layout=layout)
+    if args.out:
+        analysis.save(args.out)
+        responses.save(args.out)
+    if args.plot:
+        save_figure(plot_analysis(analysis, style=args.style), args.plot)
+    print(format_analysis(analysis))
+    return 0
+
+
+FIG7 = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis import compare, format_comparison
+    from .plots import plot_responses, save_figure
+    from .results import measure_responses
+
+    checkpoints = args.checkpoints or [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+    for option in ("arch", "labels"):
+        given = getattr(args, option)
+        if given and len(given) != len(checkpoints):
+            raise LayerProbeError(f"--{option} needs one value per checkpoint ({len(checkpoints)}), got {len(given)}")
+    _prepare_outputs(args)
+    results = []
+    for i, path in enumerate(checkpoints):
+        ckpt, layout, images, labels, meta = _load(args, path, args.arch[i] if args.arch else None)
+        label = args.labels[i] if args.labels else ckpt.arch
+        results.append(measure_responses(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]),
+                                         _probe_config(args), meta=meta | {"label": label}, layout=layout))
+    comparison = compare(results)
+    if args.out:
+        comparison.save(args.out)
+        for r in results:
+            r.save(args.out / r.label)
+    if args.plot:
+        save_figure(plot_responses(results, style=args.style), args.plot)
+    print(format_comparison(comparison))
+    return 0
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
@@ -173,7 +266,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"responses": cmd_responses, "sites": cmd_sites, "train": cmd_train}
+COMMANDS = {"responses": cmd_responses, "analyze": cmd_analyze, "compare": cmd_compare, "sites": cmd_sites,
+            "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

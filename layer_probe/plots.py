@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .analysis import Analysis  # noqa: E402
 from .errors import LayerProbeError  # noqa: E402
 from .files import atomic_path  # noqa: E402
 from .results import Responses  # noqa: E402
@@ -88,3 +89,30 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
         fig.savefig(tmp, format=fmt, dpi=300, metadata=metadata)
     plt.close(fig)
     return path
+
+
+def plot_analysis(analysis: Analysis, *, style: Style = "report") -> Figure:
+    """The F(x) report against block number: std (with 95% CI) beside the gamma prediction,
+    ||F(x)||/||x|| (5th-95th percentile band), cos(F(x), x), and the top-1 change when the block is deleted."""
+    blocks = analysis.blocks
+    n = [b.number for b in blocks]
+    with plt.rc_context(_style(style)):
+        fig, axes = plt.subplots(4, 1, figsize=(SINGLE_COLUMN * 1.4, SINGLE_COLUMN * 2.6), sharex=True,
+                                 layout="constrained")
+        axes[0].errorbar(n, [b.std for b in blocks], yerr=[[b.std - b.std_low for b in blocks],
+                         [b.std_high - b.std for b in blocks]], fmt="o-", ms=3, lw=1, capsize=2, label="measured")
+        axes[0].plot(n, [b.gamma_std for b in blocks], "s--", ms=3, lw=1, label="predicted by γ, β")
+        axes[0].set_ylabel("std of F(x)")
+        axes[0].legend(frameon=False, fontsize="small")
+        axes[1].fill_between(n, [b.ratio_p05 for b in blocks], [b.ratio_p95 for b in blocks], alpha=0.3, lw=0)
+        axes[1].plot(n, [b.ratio_mean for b in blocks], "o-", ms=3, lw=1)
+        axes[1].set_ylabel("‖F(x)‖ / ‖x‖")
+        axes[2].plot(n, [b.cosine for b in blocks], "o-", ms=3, lw=1)
+        axes[2].axhline(0, color="0.5", lw=0.5)
+        axes[2].set_ylabel("cos(F(x), x)")
+        axes[3].bar(n, [b.lesion_delta for b in blocks], color="C3")
+        axes[3].set_ylabel("Δ top-1 when deleted (pp)")
+        axes[3].set_xlabel("block (network order)")
+        axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.suptitle(analysis.meta.get("label") or analysis.meta.get("arch", ""), fontsize="medium")
+    return fig

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data import batches
 from .sites import Block, Layout
 from .stats import Moments
 
@@ -67,6 +68,31 @@ class Recording:
         return Moments.stack(self.batches[name])
 
 
+class Hooks:
+    """The one place hooks are registered: keeps every handle and removes all of them on exit.
+
+    Nestable, and an exception inside the `with` block never leaves a hook behind.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(self, module: nn.Module, hook: Callable, *, pre: bool = False) -> None:
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._handles.append(register(hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
 class Probe:
     """Context manager that records the responses of `layout`'s sites while the model runs.
 
@@ -87,7 +113,7 @@ class Probe:
         self.count_nonfinite = count_nonfinite
         self.recording = Recording(layout, {s.name: [] for s in layout.sites}, {s.name: [] for s in layout.sites},
                                    {b.name: BlockNorms() for b in layout.blocks} if ratios else {})
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = Hooks()
         self._modes: dict[nn.Module, bool] = {}
         self._bn_buffers: dict[str, Tensor] = {}
 
@@ -97,7 +123,7 @@ class Probe:
             self._set_mode()
             modules = dict(self.model.named_modules())
             for site in self.layout.sites:
-                self._add(modules[site.name], self._site_hook(site.name))
+                self._hooks.add(modules[site.name], self._site_hook(site.name))
             for block in self.layout.blocks if self.ratios else ():
                 self._add_block(modules, block)
         except BaseException:
@@ -117,9 +143,7 @@ class Probe:
                     m.train()
 
     def _restore(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         for m, training in self._modes.items():
             m.training = training
         if self._bn_buffers:
@@ -128,10 +152,6 @@ class Probe:
                 for k, v in self._bn_buffers.items():
                     buffers[k].copy_(v)
             self._bn_buffers.clear()
-
-    def _add(self, module: nn.Module, hook: Callable, pre: bool = False) -> None:
-        register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._handles.append(register(hook))
 
     def _site_hook(self, name: str) -> Callable:
         batches, nonfinite = self.recording.batches[name], self.recording.nonfinite[name]
@@ -173,14 +193,14 @@ class Probe:
                 if x.shape == out.shape:
                     norms.add(out - x, x)
 
-            self._add(modules[block.name], block_input, pre=True)
-            self._add(modules[block.name], block_output)
+            self._hooks.add(modules[block.name], block_input, pre=True)
+            self._hooks.add(modules[block.name], block_output)
             return
-        self._add(modules[block.branch_out], lambda m, a, out: arrive("f", out))
+        self._hooks.add(modules[block.branch_out], lambda m, a, out: arrive("f", out))
         if block.shortcut is None:
-            self._add(modules[block.name], block_input, pre=True)
+            self._hooks.add(modules[block.name], block_input, pre=True)
         else:
-            self._add(modules[block.shortcut], lambda m, a, out: arrive("x", out))
+            self._hooks.add(modules[block.shortcut], lambda m, a, out: arrive("x", out))
 
 
 @dataclass(frozen=True)
@@ -224,3 +244,18 @@ def run_probe(model: nn.Module, layout: Layout, batches: Iterable[tuple[Tensor, 
                 bar.update(len(y))
     return PassResult(probe.recording, images, int(correct))
 
+
+
+def top1(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+         batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent of `model` in eval mode on uint8 images [N, 32, 32, 3] (mode restored)."""
+    was = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=labels.device)
+    try:
+        with torch.inference_mode():
+            for x, y in batches(images, labels, batch_size, mean, std):
+                correct += (model(x).argmax(1) == y).sum()
+    finally:
+        model.train(was)
+    return 100.0 * int(correct) / len(labels)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -174,17 +176,32 @@ class ProbeConfig:
 
 def measure_responses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
                       std: tuple[float, ...], config: ProbeConfig = ProbeConfig(), *,
-                      meta: dict[str, Any] | None = None, progress: bool = True, layout: Layout | None = None
-                      ) -> Responses:
+                      meta: dict[str, Any] | None = None, progress: bool = True, layout: Layout | None = None,
+                      merge: Callable[[PassResult], PassResult] | None = None) -> Responses:
     """Probe `model` on uint8 images [N, 32, 32, 3] with labels [N] and summarise the responses.
 
-    `layout` is the model's selected sites when already known (default: `config.sites` of `find_sites(model)`).
+    `layout` is the model's selected sites when already known (default: `config.sites` of `find_sites(model)`);
+    `merge` combines this process's pass with those of other processes (`distributed.Processes.merge`).
+    """
+    return measure_batches(model, partial(batches, images, labels, config.batch_size, mean, std), config,
+                           total=len(labels), meta=meta, progress=progress, layout=layout, merge=merge)
+
+
+def measure_batches(model: torch.nn.Module, make_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                    config: ProbeConfig = ProbeConfig(), *, total: int | None = None,
+                    meta: dict[str, Any] | None = None, progress: bool = True, layout: Layout | None = None,
+                    merge: Callable[[PassResult], PassResult] | None = None) -> Responses:
+    """Probe `model` on the batches ([N, 3, H, W] normalised images, [N] labels) that `make_batches()` yields.
+
+    `make_batches` is called once per pass (a second pass counts NaN/Inf values exactly, only if
+    there are any), e.g. `partial(data.folder_batches, folder, index, 64, mean, std, "cuda")`.
     """
     layout = layout or find_sites(model).select(config.sites)
-    for count_nonfinite in (False, True):  # a second pass counts NaN/Inf values exactly, only if there are any
-        result = run_probe(model, layout, batches(images, labels, config.batch_size, mean, std),
-                           bn_mode=config.bn_mode, ratios=config.ratios, total=len(labels), amp=config.amp,
-                           progress=progress, count_nonfinite=count_nonfinite)
+    for count_nonfinite in (False, True):
+        result = run_probe(model, layout, make_batches(), bn_mode=config.bn_mode, ratios=config.ratios, total=total,
+                           amp=config.amp, progress=progress, count_nonfinite=count_nonfinite)
+        if merge is not None:  # every process gets the same merged pass, so all take the same branch here
+            result = merge(result)
         if not result.any_nonfinite:
             break
     settings = {"sites_rule": config.sites, "bn_mode": config.bn_mode, "amp": config.amp,

@@ -51,6 +51,18 @@ class Moments:
         m2 = self.m2.sum(dim, keepdim=True) + (self.count * (self.mean - mean) ** 2).sum(dim, keepdim=True)
         return Moments(count.squeeze(dim), mean.squeeze(dim), m2.squeeze(dim))
 
+    def resample(self, weights: Tensor) -> Moments:
+        """Merge along dim 0 with entry b repeated weights[r, b] times: [B, *s] -> [R, *s].
+
+        With multinomial counts as weights this is a bootstrap over the entries (e.g. batches)
+        that needs no second pass over the data.
+        """
+        w = weights.to(self.mean).view(*weights.shape, *(1,) * (self.mean.ndim - 1))
+        count = (w * self.count).sum(1)
+        mean = (w * self.count * self.mean).sum(1) / count
+        m2 = (w * (self.m2 + self.count * (self.mean - mean.unsqueeze(1)) ** 2)).sum(1)
+        return Moments(count, mean, m2)
+
     def var(self, correction: int = 1) -> Tensor:
         return self.m2 / (self.count - correction)
 

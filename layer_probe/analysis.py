@@ -1,0 +1,408 @@
+"""Is F(x) close to zero, and why does the std rise in the last layers? (Section 4.2, Fig. 7)
+
+The paper reads three things off Fig. 7: ResNets respond less than their plain counterparts,
+deeper ResNets respond less, and so the residual functions F(x) are "generally closer to zero
+than the non-residual functions". This module turns each reading into a measurement:
+
+- per block: std of F(x) with a bootstrap CI, ||F(x)||/||x|| and cos(F(x), x), the std that
+  BN's gamma and beta alone predict, and the top-1 change when the block is deleted;
+- per model: the rise of the std in the last layers (with CI) and its evidence;
+- across models: paired Wilcoxon tests ResNet vs plain, the trend over depth, closeness to zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats as sps
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import batches, subset
+from .files import write_text
+from .probe import Recording, run_probe, top1
+from .results import ProbeConfig, Responses, summarize
+from .sites import Layout, find_sites
+from .stats import Moments
+from .surgery import lesion
+
+THRESHOLDS = (0.1, 0.25, 0.5)  # ||F(x)||/||x|| below which a block counts as "close to zero"
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    probe: ProbeConfig = ProbeConfig(batch_size=100)  # small batches: the bootstrap resamples batches
+    bootstrap: int = 1000  # bootstrap resamples for the CIs
+    seed: int = 0
+    lesion_images: int | None = 2000  # images per lesion pass (a seeded subset); None: all
+    rise_k: int = 1  # the rise compares the last k sites (default: the last block's F(x)) with the rest
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """One site's std with its 95% bootstrap CI, and the std BN's affine parameters predict."""
+
+    index: int
+    name: str
+    role: str
+    stage: int
+    std: float
+    std_low: float
+    std_high: float
+    gamma_std: float  # sqrt(mean(gamma^2) + var(beta)): the std for a unit-variance normalised input
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """How close one block's F(x) is to zero. Ratios are NaN where they are undefined."""
+
+    number: int  # 1-based, network order
+    name: str
+    site_index: int  # Fig. 7 index of the block's branch output
+    residual: bool
+    std: float
+    std_low: float
+    std_high: float
+    gamma_std: float
+    ratio_mean: float  # mean over images of ||F(x)|| / ||x||
+    ratio_p05: float
+    ratio_p95: float
+    cosine: float  # mean cos(F(x), x)
+    lesion_delta: float  # top-1 change (percentage points) when the block is deleted; NaN: cannot be
+
+
+@dataclass(frozen=True)
+class Rise:
+    """Fig. 7's rise of the std in the last layers: mean std of the last k sites / median std of the rest."""
+
+    k: int
+    ratio: float
+    low: float
+    high: float
+    rises: bool  # the whole 95% CI lies above 1
+    stages: tuple[dict[str, Any], ...]  # per stage: its last site over the median of its other sites
+    evidence: dict[str, float]  # gamma, ||F(x)||/||x|| and lesion damage of the last block vs the others
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The F(x) report for one model."""
+
+    sites: tuple[SiteStats, ...]
+    blocks: tuple[BlockStats, ...]
+    rise: Rise
+    closeness: dict[str, float]  # share of residual blocks with mean ratio below each threshold
+    gamma_fit: dict[str, float]  # agreement of measured and gamma-predicted std over sites
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def close_to_zero(self) -> bool:
+        """The paper's reading, made concrete: most blocks have ||F(x)|| < ||x|| / 2."""
+        return self.closeness.get("below_0.5", 0.0) > 0.5
+
+    def blocks_dataframe(self):  # noqa: ANN201 - pandas is imported lazily
+        import pandas as pd
+
+        return pd.DataFrame([asdict(b) for b in self.blocks])
+
+    def sites_dataframe(self):  # noqa: ANN201
+        import pandas as pd
+
+        return pd.DataFrame([asdict(s) for s in self.sites])
+
+    def to_json(self) -> str:
+        payload = {**self.meta, "sites": [asdict(s) for s in self.sites], "blocks": [asdict(b) for b in self.blocks],
+                   "rise": asdict(self.rise), "closeness": self.closeness, "gamma_fit": self.gamma_fit,
+                   "close_to_zero": self.close_to_zero}
+        return json.dumps(payload, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Analysis:
+        p = json.loads(text)
+        p.pop("close_to_zero", None)
+        rise = p.pop("rise")
+        rise["stages"] = tuple(rise["stages"])
+        return cls(tuple(SiteStats(**s) for s in p.pop("sites")), tuple(BlockStats(**b) for b in p.pop("blocks")),
+                   Rise(**rise), p.pop("closeness"), p.pop("gamma_fit"), p)
+
+    def save(self, directory: str | Path) -> None:
+        """Write analysis.json, blocks.csv and sites.csv into `directory` (atomically)."""
+        directory = Path(directory)
+        write_text(directory / "analysis.json", self.to_json())
+        write_text(directory / "blocks.csv", self.blocks_dataframe().to_csv(index=False))
+        write_text(directory / "sites.csv", self.sites_dataframe().to_csv(index=False))
+
+
+def gamma_std(bn: nn.BatchNorm2d) -> float:
+    """The pooled std of BN's output if its normalised input had zero mean and unit variance.
+
+    Output channel c is gamma_c * z + beta_c; pooled over channels its variance is
+    mean(gamma^2) + var(beta). A small gamma means a small response whatever the conv computed.
+    """
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.double)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(gamma)
+    return math.sqrt(float(gamma.square().mean() + beta.var(correction=0)))
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int) -> Tensor:
+    """Multinomial counts [resamples, n]: how often each of n items is drawn in each resample."""
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(resamples, n, dtype=torch.float64))
+
+
+def bootstrap_std(batch: Moments, weights: Tensor, axes: str = "all") -> Tensor:
+    """Std of one site for each resample of batches. batch: [B, C] moments; weights: [R, B] -> [R]."""
+    per_channel = batch.to("cpu").resample(weights)  # [R, C]
+    return per_channel.reduce(1).std() if axes == "all" else per_channel.std().mean(1)
+
+
+def lesion_deltas(model: nn.Module, layout: Layout, images: Tensor, labels: Tensor, mean: tuple[float, ...],
+                  std: tuple[float, ...], *, batch_size: int = 500, progress: bool = True) -> list[float]:
+    """Top-1 change (percentage points) when each block is deleted in turn; NaN where it cannot be."""
+    base = top1(model, images, labels, mean, std, batch_size)
+    deltas = []
+    for block in tqdm(layout.blocks, desc="lesions", leave=False, disable=not progress or None):
+        with lesion(model, block) as cut:
+            accuracy = top1(model, images, labels, mean, std, batch_size)
+        deltas.append(accuracy - base if cut.removable else float("nan"))
+    return deltas
+
+
+def rise(stds: Sequence[float], low_high: np.ndarray, layout: Layout, k: int = 1) -> tuple[float, float, float]:
+    """(point, low, high): mean std of the last k sites over the median std of the rest, with its CI.
+
+    low_high: [R, S] bootstrap stds of the S sites.
+    """
+    if not 1 <= k < len(stds):
+        raise ValueError(f"rise needs 1 <= k < {len(stds)} sites, got k={k}")
+    point = float(np.mean(stds[-k:]) / np.median(stds[:-k]))
+    boot = low_high[:, -k:].mean(1) / np.median(low_high[:, :-k], axis=1)
+    return point, float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+
+
+def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+            config: AnalysisConfig = AnalysisConfig(), *, meta: dict[str, Any] | None = None,
+            progress: bool = True, layout: Layout | None = None) -> tuple[Analysis, Responses]:
+    """The F(x) report for one model on uint8 images [N, 32, 32, 3]: one probe pass plus the lesions.
+
+    `layout` is the model's selected sites when already known (default: `config.probe.sites`).
+    """
+    pc = config.probe
+    layout = layout or find_sites(model).select(pc.sites)
+    result = run_probe(model, layout, batches(images, labels, pc.batch_size, mean, std), bn_mode=pc.bn_mode,
+                       ratios=True, total=len(labels), amp=pc.amp, progress=progress)
+    responses = summarize(result, axes=pc.axes, meta=(meta or {}) | {"sites_rule": pc.sites, "bn_mode": pc.bn_mode})
+    rec: Recording = result.recording
+    n_batches = len(next(iter(rec.batches.values())))
+    weights = bootstrap_weights(n_batches, config.bootstrap, config.seed)
+    boot = np.stack([bootstrap_std(rec.batch_moments(s.name), weights, pc.axes).numpy() for s in layout.sites], 1)
+    low, high = np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0)
+    modules = dict(model.named_modules())
+    predicted = [gamma_std(modules[s.name]) for s in layout.sites]
+    stds = responses.std()
+    sites = tuple(SiteStats(s.index, s.name, s.role, s.stage, stds[i], float(low[i]), float(high[i]), predicted[i])
+                  for i, s in enumerate(layout.sites))
+    keep = subset(len(labels), config.lesion_images, config.seed)
+    deltas = lesion_deltas(model, layout, images[keep], labels[keep], mean, std, progress=progress)
+    by_block = {b.name: b for b in responses.blocks}
+    site_of = {s.name: s for s in sites}
+    blocks = []
+    for number, (block, delta) in enumerate(zip(layout.blocks, deltas), 1):
+        s, r = site_of.get(block.branch_out), by_block.get(block.name)
+        nan = float("nan")
+        blocks.append(BlockStats(number, block.name, s.index if s else -1, block.residual, s.std if s else nan,
+                                 s.std_low if s else nan, s.std_high if s else nan,
+                                 gamma_std(modules[block.branch_out]), r.ratio_mean if r else nan,
+                                 r.ratio_p05 if r else nan, r.ratio_p95 if r else nan, r.cosine_mean if r else nan,
+                                 delta))
+    point, lo, hi = rise(stds, boot, layout, config.rise_k)
+    analysis = Analysis(sites, tuple(blocks), Rise(config.rise_k, point, lo, hi, lo > 1.0, _stage_rises(sites, boot),
+                                                   _rise_evidence(sites, blocks, config.rise_k)),
+                        closeness([b.ratio_mean for b in blocks]), _gamma_fit(stds, predicted),
+                        responses.meta | {"bootstrap": config.bootstrap, "lesion_images": len(keep),
+                                          "probe_batch_size": pc.batch_size})
+    return analysis, responses
+
+
+def closeness(ratios: Sequence[float]) -> dict[str, float]:
+    """Share of blocks whose mean ||F(x)||/||x|| (plain: ||H(x) - x||/||x||) is below each threshold."""
+    ratios = [r for r in ratios if not math.isnan(r)]
+    return {f"below_{t}": (sum(r < t for r in ratios) / len(ratios) if ratios else float("nan")) for t in THRESHOLDS}
+
+
+def _stage_rises(sites: Sequence[SiteStats], boot: np.ndarray) -> tuple[dict[str, Any], ...]:
+    out = []
+    for stage in sorted({s.stage for s in sites if s.stage > 0}):
+        cols = [i for i, s in enumerate(sites) if s.stage == stage]
+        if len(cols) < 2:
+            continue
+        point = sites[cols[-1]].std / float(np.median([sites[i].std for i in cols[:-1]]))
+        b = boot[:, cols[-1]] / np.median(boot[:, cols[:-1]], axis=1)
+        lo, hi = float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))
+        out.append({"stage": stage, "last": sites[cols[-1]].name, "ratio": point, "low": lo, "high": hi,
+                    "rises": lo > 1.0})
+    return tuple(out)
+
+
+def _rise_evidence(sites: Sequence[SiteStats], blocks: Sequence[BlockStats], k: int) -> dict[str, float]:
+    """What distinguishes the last layers: their gamma, their F(x) size, and the damage of deleting them."""
+    def median(values: Sequence[float]) -> float:
+        finite = [v for v in values if not math.isnan(v)]
+        return float(np.median(finite)) if finite else float("nan")
+
+    last, rest = blocks[-1], blocks[:-1]
+    return {"gamma_std_last": float(np.mean([s.gamma_std for s in sites[-k:]])),
+            "gamma_std_rest_median": median([s.gamma_std for s in sites[:-k]]),
+            "ratio_last_block": last.ratio_mean, "ratio_other_blocks_median": median([b.ratio_mean for b in rest]),
+            "lesion_last_block": last.lesion_delta, "lesion_other_blocks_median": median([b.lesion_delta for b in rest])}
+
+
+def _gamma_fit(measured: Sequence[float], predicted: Sequence[float]) -> dict[str, float]:
+    if len(measured) < 3 or np.std(predicted) == 0 or np.std(measured) == 0:
+        return {"pearson_r": float("nan"), "spearman_rho": float("nan")}
+    return {"pearson_r": float(sps.pearsonr(measured, predicted)[0]),
+            "spearman_rho": float(sps.spearmanr(measured, predicted)[0])}
+
+
+@dataclass(frozen=True)
+class ClaimTest:
+    """One statistical test of a claim read off Fig. 7."""
+
+    claim: str
+    models: str
+    test: str
+    statistic: float
+    p_value: float
+    effect: float
+    effect_name: str
+    holds: bool  # p < alpha in the claimed direction
+
+
+def _depth(r: Responses) -> int:
+    digits = "".join(c for c in r.meta.get("arch", "") if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def _is_plain(r: Responses) -> bool:
+    return r.meta.get("arch", "").startswith("plain")
+
+
+def resnet_vs_plain(resnet: Responses, plain: Responses, alpha: float = 0.05) -> ClaimTest:
+    """One-sided paired Wilcoxon signed-rank test at matched layer index: is the ResNet's std smaller?
+
+    Effect size: the matched-pairs rank-biserial correlation, +1 when every ResNet layer responds less.
+    """
+    if len(resnet) != len(plain):
+        raise ValueError(f"{resnet.label} has {len(resnet)} sites and {plain.label} {len(plain)}: not matched")
+    diff = np.asarray(resnet.std()) - np.asarray(plain.std())
+    nonzero = diff[diff != 0]
+    if len(nonzero) == 0:  # identical responses: no evidence either way
+        statistic, p, effect = 0.0, 1.0, 0.0
+    else:
+        res = sps.wilcoxon(resnet.std(), plain.std(), alternative="less", zero_method="wilcox")
+        ranks = sps.rankdata(np.abs(nonzero))
+        effect = float((ranks[nonzero < 0].sum() - ranks[nonzero > 0].sum()) / ranks.sum())
+        statistic, p = float(res.statistic), float(res.pvalue)
+    return ClaimTest("ResNet std < plain std at matched layers", f"{resnet.label} vs {plain.label}",
+                     "Wilcoxon signed-rank, one-sided, paired by layer index", statistic, p, effect,
+                     "rank-biserial r", p < alpha)
+
+
+def depth_trend(resnets: Sequence[Responses], alpha: float = 0.05) -> ClaimTest:
+    """Spearman correlation between depth and per-site std over all sites of the ResNets (one-sided, negative)."""
+    depths = np.concatenate([[_depth(r)] * len(r) for r in resnets])
+    stds = np.concatenate([r.std() for r in resnets])
+    res = sps.spearmanr(depths, stds, alternative="less")
+    means = [float(np.mean(r.std())) for r in sorted(resnets, key=_depth)]
+    medians = [float(np.median(r.std())) for r in sorted(resnets, key=_depth)]
+    monotone = all(a > b for a, b in zip(means, means[1:])) and all(a > b for a, b in zip(medians, medians[1:]))
+    return ClaimTest("deeper ResNets have smaller responses", " > ".join(r.label for r in sorted(resnets, key=_depth)),
+                     f"Spearman over sites (depth vs std), one-sided; means {[round(m, 3) for m in means]}, "
+                     f"medians {[round(m, 3) for m in medians]}", float(res.statistic), float(res.pvalue),
+                     float(res.statistic), "Spearman rho", bool(res.pvalue < alpha and monotone))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The claims of Section 4.2 tested on a set of models."""
+
+    tests: tuple[ClaimTest, ...]
+    closeness: dict[str, dict[str, float]]  # model label -> share of blocks below each ratio threshold
+    summary: tuple[dict[str, Any], ...]  # per model: mean and median std, top-1
+
+    def tests_dataframe(self):  # noqa: ANN201
+        import pandas as pd
+
+        return pd.DataFrame([asdict(t) for t in self.tests])
+
+    def to_json(self) -> str:
+        return json.dumps({"tests": [asdict(t) for t in self.tests], "closeness": self.closeness,
+                           "models": list(self.summary)}, indent=1) + "\n"
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        write_text(directory / "comparison.json", self.to_json())
+        write_text(directory / "tests.csv", self.tests_dataframe().to_csv(index=False))
+
+
+def compare(models: Sequence[Responses], alpha: float = 0.05) -> Comparison:
+    """Test Fig. 7's readings on `models`: each ResNet-n against plain-n, and the ResNets over depth."""
+    tests = []
+    plains = {_depth(r): r for r in models if _is_plain(r)}
+    resnets = [r for r in models if not _is_plain(r)]
+    for r in sorted(resnets, key=_depth):
+        if _depth(r) in plains:
+            tests.append(resnet_vs_plain(r, plains[_depth(r)], alpha))
+    if len({_depth(r) for r in resnets}) >= 2:
+        tests.append(depth_trend(resnets, alpha))
+    close = {r.label: closeness([b.ratio_mean for b in r.blocks]) for r in models}
+    summary = tuple({"label": r.label, "arch": r.meta.get("arch"), "sites": len(r), "mean_std": float(np.mean(r.std())),
+                     "median_std": float(np.median(r.std())), "top1": r.top1} for r in models)
+    return Comparison(tuple(tests), close, summary)
+
+
+
+def format_analysis(analysis: Analysis) -> str:
+    """The per-block table and the verdicts, as text."""
+    m, rise = analysis.meta, analysis.rise
+    lines = [f"{m.get('arch', '?')}  {m.get('checkpoint', '')}",
+             f"top-1 {m.get('top1', float('nan')):.2f}% on {m.get('images', '?')} {m.get('split', '')} images; "
+             f"std CIs: {m.get('bootstrap')} bootstrap resamples of batches; lesions on {m.get('lesion_images')} images",
+             "", f"{'block':>5} {'name':<10} {'site':>4} {'std':>7} {'95% CI':>15} {'γ-pred':>7} "
+                 f"{'‖F‖/‖x‖':>8} {'cos':>6} {'Δtop-1':>7}"]
+    for b in analysis.blocks:
+        lines.append(f"{b.number:>5} {b.name:<10} {b.site_index:>4} {b.std:>7.3f} [{b.std_low:>6.3f}, {b.std_high:>6.3f}] "
+                     f"{b.gamma_std:>7.3f} {b.ratio_mean:>8.3f} {b.cosine:>6.2f} {b.lesion_delta:>7.2f}")
+    c, g, e = analysis.closeness, analysis.gamma_fit, rise.evidence
+    lines += ["", f"measured vs γ-predicted std over sites: Pearson r = {g['pearson_r']:.3f}, "
+                  f"Spearman ρ = {g['spearman_rho']:.3f}",
+              "blocks with ‖F(x)‖/‖x‖ below 0.1 / 0.25 / 0.5: " + " / ".join(f"{v:.0%}" for v in c.values()),
+              f"F(x) close to zero (most blocks below 0.5): {'yes' if analysis.close_to_zero else 'no'}",
+              f"rise in the last layers: last {rise.k} site(s) / median of the rest = {rise.ratio:.2f} "
+              f"[{rise.low:.2f}, {rise.high:.2f}] -> {'yes' if rise.rises else 'no'}"]
+    lines += [f"  stage {s['stage']}: {s['last']} / median of the stage = {s['ratio']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
+              for s in rise.stages]
+    lines += [f"  last block: γ-pred std {e['gamma_std_last']:.3f} vs {e['gamma_std_rest_median']:.3f} (median of the rest); "
+              f"‖F‖/‖x‖ {e['ratio_last_block']:.2f} vs {e['ratio_other_blocks_median']:.2f}; "
+              f"Δtop-1 when deleted {e['lesion_last_block']:.1f} vs {e['lesion_other_blocks_median']:.1f} pp"]
+    return "\n".join(lines)
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """Per-model summary and the claim tests, as text."""
+    lines = [f"{'model':<12} {'top-1':>7} {'mean std':>9} {'median std':>11} {'‖F‖/‖x‖<0.5':>12}"]
+    for s in comparison.summary:
+        share = comparison.closeness[s["label"]]["below_0.5"]
+        lines.append(f"{s['label']:<12} {s['top1']:>7.2f} {s['mean_std']:>9.3f} {s['median_std']:>11.3f} {share:>12.0%}")
+    lines += ["", f"{'claim':<42} {'models':<36} {'statistic':>10} {'p':>9} {'effect':>14}  holds"]
+    for t in comparison.tests:
+        lines.append(f"{t.claim:<42} {t.models:<36} {t.statistic:>10.3f} {t.p_value:>9.2g} "
+                     f"{t.effect_name[:8]:>8} {t.effect:>5.2f}  {'yes' if t.holds else 'no'}")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Changing what a network computes, block by block: lesions and identity insertion.
+
+- `lesion(model, block)`: delete one block for the duration of a `with` (a residual block keeps
+  its shortcut and F(x) := 0; a plain block is bypassed, output := input, where shapes allow).
+  Done with hooks, so the model's parameters are never touched.
+- `deepen(model, extra)`: the paper's construction argument (Section 3.1): a deeper network
+  built from a trained shallower one plus identity layers computes the same function.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LayerProbeError
+from .models import BasicBlock, CifarNet
+from .probe import Hooks
+from .sites import Block
+
+
+@dataclass
+class Lesion:
+    """A deleted block. `removable` turns False once a forward pass finds a plain block whose
+    input and output shapes differ (it cannot be bypassed, so it is left in place)."""
+
+    block: Block
+    removable: bool = True
+
+
+@contextmanager
+def lesion(model: nn.Module, block: Block) -> Iterator[Lesion]:
+    """Delete `block` while inside the `with`.
+
+    A residual block computes x + 0 (its shortcut stays: option A/B transforms still apply). A
+    plain block passes its input through, which only works when its input and output shapes match.
+    """
+    module = dict(model.named_modules())[block.branch_out if block.residual else block.name]
+    state = Lesion(block)
+
+    def zero(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return torch.zeros_like(out)
+
+    def bypass(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        if args[0].shape != out.shape:
+            state.removable = False
+            return out
+        return args[0]
+
+    with Hooks() as hooks:
+        hooks.add(module, zero if block.residual else bypass)
+        yield state
+
+
+def identity_block(planes: int, *, residual: bool) -> BasicBlock:
+    """A block that computes the identity on the post-ReLU activations it receives.
+
+    Residual: F(x) = 0 by a last BN with gamma = beta = 0, so relu(0 + x) = x for x >= 0.
+    Plain: Dirac 3x3 kernels, BN set to undo its running statistics (mean 0, var 1 - eps,
+    gamma 1, beta 0), and ReLU acting on non-negative inputs.
+    """
+    block = BasicBlock(planes, planes, 1, residual=residual).eval()
+    with torch.no_grad():
+        for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
+            nn.init.dirac_(conv.weight)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)  # (x - 0) / sqrt(var + eps) = x exactly
+            bn.weight.fill_(1.0)
+            bn.bias.zero_()
+        if residual:
+            block.bn2.weight.zero_()
+            block.bn2.bias.zero_()
+    return block
+
+
+def deepen(model: CifarNet, extra_blocks: int) -> CifarNet:
+    """A copy of `model` with `extra_blocks` identity blocks added to each stage (depth + 6 * extra).
+
+    The new blocks go at the end of each stage, where input and output shapes match, so the
+    deeper network computes exactly the shallower one's function.
+    """
+    if not isinstance(model, CifarNet):
+        raise LayerProbeError(f"deepen works on the CIFAR networks of layer_probe.models, not {type(model).__name__}")
+    if extra_blocks < 0:
+        raise LayerProbeError(f"extra_blocks must be 0 or more, got {extra_blocks}")
+    deeper = copy.deepcopy(model).eval()
+    for name in ("layer1", "layer2", "layer3"):
+        stage: nn.Sequential = getattr(deeper, name)
+        planes, residual = stage[0].conv2.out_channels, stage[0].residual
+        blocks = list(stage) + [identity_block(planes, residual=residual) for _ in range(extra_blocks)]
+        setattr(deeper, name, nn.Sequential(*blocks))
+    return deeper

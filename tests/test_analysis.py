@@ -1,0 +1,142 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from layer_probe.analysis import (AnalysisConfig, Analysis, analyze, bootstrap_std, bootstrap_weights, closeness,
+                                  compare, gamma_std, resnet_vs_plain)
+from layer_probe.probe import run_probe
+from layer_probe.results import ProbeConfig, Responses, SiteResponse
+from layer_probe.sites import find_sites
+from layer_probe.stats import Moments
+from test_probe import trained_like
+
+MEAN, STD = (0.5,) * 3, (0.25,) * 3
+
+
+def data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def run(model, **kw):
+    images, labels = data()
+    config = AnalysisConfig(probe=ProbeConfig(batch_size=8), bootstrap=200, lesion_images=None, **kw)
+    return analyze(model, images, labels, MEAN, STD, config, progress=False)
+
+
+def test_a_block_whose_f_is_exactly_zero():
+    model = trained_like("resnet8")
+    with torch.no_grad():
+        model.layer2[0].bn2.weight.zero_()
+        model.layer2[0].bn2.bias.zero_()
+    analysis, _ = run(model)
+    block = analysis.blocks[1]
+    assert block.name == "layer2.0" and block.ratio_mean == 0 and block.std == 0
+    assert block.gamma_std == 0 and block.lesion_delta == 0
+
+
+def test_lesion_leaves_the_model_unchanged():
+    model = trained_like("resnet8")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = data()
+    with torch.no_grad():
+        logits = model(((images.permute(0, 3, 1, 2).float() / 255) - 0.5) / 0.25)
+    run(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(((images.permute(0, 3, 1, 2).float() / 255) - 0.5) / 0.25), logits)
+
+
+def test_plain_blocks_that_change_shape_cannot_be_removed():
+    analysis, _ = run(trained_like("plain8"))
+    deltas = [b.lesion_delta for b in analysis.blocks]
+    assert not math.isnan(deltas[0]) and math.isnan(deltas[1]) and math.isnan(deltas[2])
+
+
+def test_scaling_up_the_last_gamma_makes_a_rise_with_ci_above_one():
+    model = trained_like("resnet8")
+    flat, _ = run(model)
+    with torch.no_grad():
+        model.layer3[0].bn2.weight.mul_(20)
+    raised, _ = run(model)
+    assert raised.rise.rises and raised.rise.low > 1 and raised.rise.ratio > flat.rise.ratio
+    assert raised.rise.evidence["gamma_std_last"] > raised.rise.evidence["gamma_std_rest_median"]
+
+
+def test_gamma_prediction_equals_the_std_under_batch_statistics():
+    # With BN in batch-statistics mode its normalised input has exactly zero mean and unit variance.
+    model = trained_like("resnet8")
+    images, labels = data(16)
+    from layer_probe.data import batches
+    rec = run_probe(model, find_sites(model), batches(images, labels, 16, MEAN, STD), bn_mode="train",
+                    progress=False).recording
+    modules = dict(model.named_modules())
+    for name in ("bn1", "layer2.0.bn1", "layer3.0.bn2"):
+        assert rec.moments(name).reduce(0).std(correction=0).item() == pytest.approx(gamma_std(modules[name]), rel=1e-3)
+
+
+def test_bootstrap_equals_naive_resampling_of_stored_batches():
+    torch.manual_seed(0)
+    stored = [torch.randn(5, 3, 4, 4) * (1 + i) + i for i in range(6)]
+    batch = Moments.stack([Moments.of(x) for x in stored])
+    weights = bootstrap_weights(6, 20, seed=1)
+    fast = bootstrap_std(batch, weights)
+    for r in range(20):
+        resampled = torch.cat([stored[b] for b in range(6) for _ in range(int(weights[r, b]))]).double()
+        assert fast[r].item() == pytest.approx(resampled.std().item(), rel=1e-6)
+    per_channel = bootstrap_std(batch, weights, axes="channel")
+    resampled = torch.cat([stored[b] for b in range(6) for _ in range(int(weights[0, b]))]).double()
+    assert per_channel[0].item() == pytest.approx(resampled.transpose(0, 1).reshape(3, -1).std(1).mean().item(), rel=1e-6)
+
+
+def responses(label, stds, ratios=()):
+    from layer_probe.results import BlockResponse
+
+    sites = tuple(SiteResponse(i, f"s{i}", "inner", 1, 0, 4, s, 0.0, s, 0, 0) for i, s in enumerate(stds, 1))
+    blocks = tuple(BlockResponse(f"b{i}", f"s{i}", True, r, r, r, r, 0.0) for i, r in enumerate(ratios))
+    return Responses(sites, blocks, {"arch": label, "label": label, "top1": 90.0})
+
+
+def test_identical_models_give_no_evidence_that_resnets_respond_less():
+    a = responses("resnet20", [0.5, 0.7, 0.9, 1.1])
+    t = resnet_vs_plain(a, responses("plain20", [0.5, 0.7, 0.9, 1.1]))
+    assert t.p_value == 1.0 and not t.holds
+
+
+def test_wilcoxon_matches_scipy_and_effect_is_rank_biserial():
+    rng = np.random.default_rng(0)
+    plain = rng.uniform(0.5, 1.5, 19)
+    res = plain - rng.uniform(0.05, 0.3, 19)
+    res[3] = plain[3] + 0.01  # one layer against the trend
+    t = resnet_vs_plain(responses("resnet20", res), responses("plain20", plain))
+    assert t.p_value == pytest.approx(sps.wilcoxon(res, plain, alternative="less").pvalue)
+    d = res - plain
+    ranks = sps.rankdata(np.abs(d))
+    assert t.effect == pytest.approx((ranks[d < 0].sum() - ranks[d > 0].sum()) / ranks.sum())
+    assert t.holds and 0.8 < t.effect < 1
+
+
+def test_compare_tests_pairs_and_depth_trend():
+    models = [responses("plain20", np.linspace(1, 2, 19)), responses("resnet20", np.linspace(0.8, 1.2, 19), [0.2, 0.6]),
+              responses("resnet56", np.linspace(0.5, 0.9, 55), [0.05, 0.2, 0.3]),
+              responses("resnet110", np.linspace(0.3, 0.6, 109))]
+    c = compare(models)
+    assert [t.models for t in c.tests] == ["resnet20 vs plain20", "resnet20 > resnet56 > resnet110"]
+    assert all(t.holds for t in c.tests)
+    assert c.closeness["resnet56"] == {"below_0.1": 1 / 3, "below_0.25": 2 / 3, "below_0.5": 1.0}
+    assert c.closeness["resnet20"]["below_0.5"] == 0.5 and math.isnan(c.closeness["plain20"]["below_0.5"])
+
+
+def test_closeness_ignores_undefined_ratios():
+    assert closeness([0.05, float("nan"), 0.3, 0.7]) == {"below_0.1": 1 / 3, "below_0.25": 1 / 3, "below_0.5": 2 / 3}
+
+
+def test_analysis_json_round_trip(tmp_path):
+    analysis, _ = run(trained_like("resnet8"))
+    assert Analysis.from_json(analysis.to_json()).to_json() == analysis.to_json()
+    analysis.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"analysis.json", "blocks.csv", "sites.csv"}
