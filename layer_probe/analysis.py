@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +340,7 @@ class Comparison:
     def tests_dataframe(self):  # noqa: ANN201
         import pandas as pd
 
-        return pd.DataFrame([asdict(t) for t in self.tests])
+        return pd.DataFrame([asdict(t) for t in self.tests], columns=[f.name for f in fields(ClaimTest)])
 
     def to_json(self) -> str:
         return json.dumps({"tests": [asdict(t) for t in self.tests], "closeness": self.closeness,

@@ -8,8 +8,10 @@ needs arbitrary unpickling is refused and nothing in it runs.
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,16 +49,23 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, arch_kwargs: dict[str, Any] | None = None,
                     meta: dict[str, Any] | None = None) -> None:
-    """Write the project's checkpoint format atomically (fp32 weights on the CPU)."""
+    """Write the project's checkpoint format atomically (fp32 weights on the CPU).
+
+    The same model and metadata give the same bytes: torch names the records inside the zip
+    after the file it writes to, so it is handed an open file rather than the temporary path.
+    """
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "state_dict": state,
                "meta": dict(meta or {})}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
-def read_file(path: str | Path) -> dict[str, Any]:
-    """`torch.load(path, weights_only=True)` with every failure turned into one clear error."""
+def torch_load(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, with every failure turned into one clear error.
+
+    torch's own warnings about odd pickles are silenced: for an untrusted file the error says it all.
+    """
     path = Path(path)
     if not path.exists():
         raise LayerProbeError(f"{path}: no such file")
@@ -65,7 +74,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise LayerProbeError(f"{path}: empty file, not a checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) (?:GLOBAL )?([\w.]+)", str(e))
         if found:
@@ -76,6 +87,11 @@ def read_file(path: str | Path) -> dict[str, Any]:
                               f"{reason.group(1).strip() if reason else _first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged files
         raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file's contents (see `torch_load`) as a dict with a 'state_dict'; a bare state_dict is wrapped."""
+    obj = torch_load(path)
     if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
         return {"state_dict": obj}
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
@@ -95,23 +111,36 @@ def load_checkpoint(path: str | Path, arch: str | None = None, *, device: str | 
             (plain and option-A ResNet weights have the same names and shapes).
     """
     obj = read_file(path)
+    _check_entries(path, obj["state_dict"])
     state = {re.sub(r"^module\.", "", k): v for k, v in obj["state_dict"].items()}
-    _check_tensors(path, state)
     stored = obj.get("arch") if isinstance(obj.get("arch"), str) else None
     if stored and arch and arch != stored:
         raise LayerProbeError(f"{path}: the file says its architecture is {stored}, but --arch {arch} was given")
-    kwargs = dict(obj.get("arch_kwargs") or {}) | arch_kwargs
+    stored_kwargs = obj.get("arch_kwargs") or {}
+    if not isinstance(stored_kwargs, dict) or not all(isinstance(k, str) for k in stored_kwargs):
+        raise LayerProbeError(f"{path}: 'arch_kwargs' must be a dict of keyword arguments, got {stored_kwargs!r:.80}")
+    kwargs = stored_kwargs | arch_kwargs
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    _check_normalization(path, meta.get("normalization", {}))
     if not (arch or stored):
         arch, inferred = infer_arch(path, state)
         kwargs = inferred | kwargs
     arch = arch or stored
     if is_cifar(arch) and arch.startswith("resnet") and any(".shortcut.0.weight" in k for k in state):
         kwargs.setdefault("shortcut", "B")
+    try:
+        with torch.device("meta"):  # the file must fit the architecture before any memory is allocated for it
+            skeleton = build_model(arch, **kwargs)
+    except LayerProbeError as e:
+        raise LayerProbeError(f"{path}: {e}") from None
+    _check_fit(path, skeleton, state, arch)
     model = build_model(arch, **kwargs)
-    _load_state(path, model, state, arch)
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    if "best_prec1" in obj and "top1" not in meta:
-        meta = meta | {"reported_top1": float(obj["best_prec1"])}
+    model.load_state_dict(state, strict=False)
+    reported = obj.get("best_prec1")
+    if isinstance(reported, Tensor) and reported.numel() == 1:
+        reported = reported.item()
+    if isinstance(reported, (int, float)) and "top1" not in meta:
+        meta = meta | {"reported_top1": float(reported)}
     return Checkpoint(model.to(device).eval(), arch, kwargs, str(path), meta)
 
 
@@ -129,8 +158,8 @@ def infer_arch(path: str | Path, state: dict[str, Tensor]) -> tuple[str, dict[st
         bottleneck = "layer1.0.conv3.weight" in state
         depth = {(False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34, (True, (3, 4, 6, 3)): 50,
                  (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152}.get((bottleneck, counts))
-        if depth is not None:
-            conv2 = state["layer1.0.conv2.weight"]
+        conv2 = state.get("layer1.0.conv2.weight")
+        if depth is not None and conv2 is not None and conv2.ndim == 4:
             if conv2.shape[1] != conv2.shape[0]:  # grouped 3x3 convs: ResNeXt
                 return {50: "resnext50_32x4d", 101: "resnext101_32x8d"}.get(depth, f"resnet{depth}"), {}
             if bottleneck and conv2.shape[0] == 128:
@@ -140,17 +169,40 @@ def infer_arch(path: str | Path, state: dict[str, Tensor]) -> tuple[str, dict[st
                           "(see layer_probe.models.list_models())")
 
 
-def _check_tensors(path: str | Path, state: dict[str, Any]) -> None:
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+def _check_entries(path: str | Path, state: dict[Any, Any]) -> None:
+    """Every entry is a plain dense tensor under a string name, and stores all of its values.
+
+    A crafted file can hold a broadcast view ([10**12] values over one stored number); it
+    would pass a shape check and then exhaust memory, so it is refused here.
+    """
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        raise LayerProbeError(f"{path}: state_dict key {names[0]!r} is not a string")
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor) or v.layout != torch.strided or v.is_quantized]
     if bad:
-        raise LayerProbeError(f"{path}: state_dict entry {bad[0]!r} is not a tensor")
-    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if nonfinite:
-        raise LayerProbeError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or Inf, e.g. {nonfinite[0]}")
+        raise LayerProbeError(f"{path}: state_dict entry {bad[0]!r} is not a plain dense tensor")
+    views = [k for k, v in state.items() if v.numel() * v.element_size() > v.untyped_storage().nbytes()]
+    if views:
+        raise LayerProbeError(f"{path}: state_dict entry {views[0]!r} claims more values than the file stores")
 
 
-def _load_state(path: str | Path, model: nn.Module, state: dict[str, Tensor], arch: str) -> None:
-    """load_state_dict with the mismatch named: missing keys, unexpected keys, wrong shapes."""
+def _check_normalization(path: str | Path, normalization: Any) -> None:
+    """The input normalisation in a file's metadata: {'mean': 3 numbers, 'std': 3 positive numbers}, either optional."""
+    def numbers(values: Any, positive: bool) -> bool:
+        return (isinstance(values, (list, tuple)) and len(values) == 3 and all(
+            isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive) for v in values))
+
+    if not (isinstance(normalization, dict) and all(numbers(normalization[k], k == "std")
+                                                    for k in ("mean", "std") if k in normalization)):
+        raise LayerProbeError(f"{path}: meta 'normalization' must be {{'mean': [3 numbers], 'std': [3 positive "
+                              f"numbers]}}, got {normalization!r:.80}; the file's metadata is damaged")
+
+
+def _check_fit(path: str | Path, model: nn.Module, state: dict[str, Tensor], arch: str) -> None:
+    """The weights fit `model`: no missing or unexpected keys, no wrong shapes or dtypes, no NaN/Inf.
+
+    Values are scanned only once the shapes are known to be right, so the scan is bounded by the model's size.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
@@ -161,7 +213,13 @@ def _load_state(path: str | Path, model: nn.Module, state: dict[str, Tensor], ar
                  f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
                  f"wrong shapes: {shapes[:3]}" if shapes else ""]
         raise LayerProbeError(f"{path}: weights do not fit {arch}: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(state, strict=False)
+    dtypes = [f"{k} {state[k].dtype}" for k, v in expected.items()
+              if k in state and not torch.can_cast(state[k].dtype, v.dtype)]
+    if dtypes:
+        raise LayerProbeError(f"{path}: weights do not fit {arch}: wrong dtypes: {dtypes[:3]}")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise LayerProbeError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or Inf, e.g. {nonfinite[0]}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def _device(name: str) -> str:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM ends a run like Ctrl-C; the last finished epoch is already saved."""
+    """SIGTERM ends any command like Ctrl-C: a file being written is removed, a finished epoch is already saved."""
     raise KeyboardInterrupt
 
 
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--plot", type=Path, help="write the two-panel Fig. 7 plot (.png, .pdf or .svg)")
     p.add_argument("--style", choices=("report", "paper"), default="report")
+    p.add_argument("--imagenet", type=Path, metavar="DIR",
+                   help="probe on an ImageNet-style folder DIR/<class>/*.JPEG instead of --data (resize 256, crop 224)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding --imagenet images")
 
     p = sub.add_parser("analyze", help="is F(x) close to zero? per-block report with CIs, γ, lesions, the rise")
     p.add_argument("checkpoint")
@@ -95,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write comparison.json, tests.csv and each model's responses here")
     p.add_argument("--plot", type=Path, help="Fig. 7's two panels for all models (.png, .pdf or .svg)")
     p.add_argument("--style", choices=("report", "paper"), default="report")
+
+    p = sub.add_parser("dynamics", help="how the responses changed while each network trained")
+    p.add_argument("runs", nargs="*", help="checkpoints (their .history.csv), history files or training run folders "
+                                           f"(default: checkpoints/{{{','.join(FIG7)}}}.pt)")
+    p.add_argument("--labels", nargs="+", help="one label per run")
+    p.add_argument("--plot", type=Path, help="heatmaps and per-stage curves (.png, .pdf or .svg)")
+    p.add_argument("--out", type=Path, help="write dynamics.csv (the summary table) here")
+    p.add_argument("--style", choices=("report", "paper"), default="report")
+
+    p = sub.add_parser("report", help="all figures and tables behind the notebooks, as files and report.md")
+    p.add_argument("checkpoints", nargs="*", help=f"default: checkpoints/{{{','.join(FIG7)}}}.pt")
+    p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report/)")
+    p.add_argument("--limit", type=_positive, help="use a seeded random subset of N test images")
+    _add_data_args(p)
 
     p = sub.add_parser("sites", help="list a model's probe sites with their roles")
     p.add_argument("checkpoint", help="a checkpoint file, or an architecture name such as resnet50")
@@ -117,12 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_responses(args: argparse.Namespace) -> int:
-    from .results import format_table, measure_responses
+    from .data import batches
+    from .distributed import process_group
+    from .results import format_table, measure_batches
 
     _prepare_outputs(args)
-    ckpt, layout, images, labels, meta = _load(args, args.checkpoint, args.arch)
-    responses = measure_responses(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]),
-                                  _probe_config(args), meta=meta, layout=layout)
+    with process_group(_device(args.device)) as processes:  # several under torchrun, each probing its share
+        if args.imagenet:
+            ckpt, layout, make_batches, total, meta = _load_folder(args, processes)
+        else:
+            ckpt, layout, images, labels, meta = _load(args, args.checkpoint, args.arch)
+            mine = processes.shard(len(labels), args.batch_size)
+            make_batches = partial(batches, images[mine], labels[mine], args.batch_size, tuple(meta["mean"]),
+                                   tuple(meta["std"]))
+            total = len(labels[mine])
+        responses = measure_batches(ckpt.model, make_batches, _probe_config(args), total=total, layout=layout,
+                                    meta=meta | {"processes": processes.size}, progress=processes.main,
+                                    merge=processes.merge)
+    bad = [s for s in responses.sites if s.nonfinite]
+    if not processes.main:  # every process holds the merged responses; rank 0 alone writes and prints
+        return 1 if bad else 0
     if args.out:
         responses.save(args.out)
     if args.plot:
@@ -134,7 +166,6 @@ def cmd_responses(args: argparse.Namespace) -> int:
         sys.stdout.write(responses.to_dataframe().to_csv(index=False))
     else:
         print(format_table(responses))
-    bad = [s for s in responses.sites if s.nonfinite]
     for s in bad:
         print(f"warning: site {s.name} produced {s.nonfinite} non-finite value(s); its std is undefined", file=sys.stderr)
     return 1 if bad else 0
@@ -157,19 +188,44 @@ def _load(args: argparse.Namespace, checkpoint: str, arch: str | None):  # noqa:
 
     Returns (checkpoint, selected sites, images, labels, the metadata every output records).
     """
-    from .checkpoint import load_checkpoint
     from .data import load_cifar10, to_tensors
+
+    ckpt, layout, meta = _load_model(args, checkpoint, arch)
+    data = load_cifar10(args.data, args.split, download=args.download)
+    images, labels = to_tensors(data, args.limit, meta["device"])
+    return ckpt, layout, images, labels, meta | {"data": data.source, "data_sha256": data.sha256, "split": args.split}
+
+
+def _load_folder(args: argparse.Namespace, processes):  # noqa: ANN001, ANN202 - distributed.Processes
+    """`responses --imagenet`: like `_load`, with this process's share of the folder as a batch factory.
+
+    Returns (checkpoint, selected sites, batch factory, number of images, metadata).
+    """
+    from .data import folder_batches, load_image_folder, subset
+
+    if args.data:
+        raise LayerProbeError("pass either --data (CIFAR-10) or --imagenet DIR, not both")
+    ckpt, layout, meta = _load_model(args, args.checkpoint, args.arch)
+    data = load_image_folder(args.imagenet)
+    index = subset(len(data), args.limit)
+    index = index[processes.shard(len(index), args.batch_size)]
+    make_batches = partial(folder_batches, data, index, args.batch_size, tuple(meta["mean"]), tuple(meta["std"]),
+                           meta["device"], workers=args.workers)
+    return ckpt, layout, make_batches, len(index), meta | {"data": data.source, "data_sha256": data.sha256,
+                                                           "split": args.imagenet.name}
+
+
+def _load_model(args: argparse.Namespace, checkpoint: str, arch: str | None):  # noqa: ANN202
+    """One checkpoint on `--device` and its selected sites, with the metadata every output records about them."""
+    from .checkpoint import load_checkpoint
     from .sites import find_sites
 
     device = _device(args.device)
     ckpt = load_checkpoint(checkpoint, arch, device=device)
     layout = find_sites(ckpt.model).select(args.sites)
-    data = load_cifar10(args.data, args.split, download=args.download)
-    images, labels = to_tensors(data, args.limit, device)
-    meta = {"checkpoint": checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "data": data.source,
-            "data_sha256": data.sha256, "split": args.split, "limit": args.limit, "device": device,
-            "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
-    return ckpt, layout, images, labels, meta
+    meta = {"checkpoint": checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "limit": args.limit,
+            "device": device, "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
+    return ckpt, layout, meta
 
 
 def _probe_config(args: argparse.Namespace):  # noqa: ANN202
@@ -228,6 +284,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dynamics(args: argparse.Namespace) -> int:
+    from .dynamics import read_history, summary
+    from .files import write_text
+    from .plots import plot_dynamics, save_figure
+
+    runs = args.runs or [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+    if args.labels and len(args.labels) != len(runs):
+        raise LayerProbeError(f"--labels needs one value per run ({len(runs)}), got {len(args.labels)}")
+    _prepare_outputs(args)
+    histories = [read_history(run, args.labels[i] if args.labels else None) for i, run in enumerate(runs)]
+    table = summary(histories)
+    if args.out:
+        write_text(args.out / "dynamics.csv", table.to_csv(index=False))
+    if args.plot:
+        save_figure(plot_dynamics(histories, style=args.style), args.plot)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .files import check_writable
+    from .report import build_report
+
+    check_writable(args.out)
+    if args.download:
+        from .data import load_cifar10
+        load_cifar10(args.data, "test", download=True)
+    checkpoints = args.checkpoints or [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+    print(f"wrote {build_report(checkpoints, args.out, data=args.data, limit=args.limit, device=_device(args.device))}")
+    return 0
+
+
 def cmd_sites(args: argparse.Namespace) -> int:
     from .models import MODELS, build_model
     from .sites import find_sites
@@ -245,6 +333,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import process_group
     from .train import RECIPES, TrainConfig, train
 
     recipe = RECIPES[args.recipe]
@@ -253,26 +342,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.probe_every < 0:
         raise LayerProbeError(f"--probe-every must be 0 or more, got {args.probe_every}")
     out = args.out or Path("checkpoints") / f"{args.arch}.pt"
-    from .files import check_writable
-    check_writable(out.parent)
     config = TrainConfig(arch=args.arch, out=out, recipe=recipe, data=args.data, seed=args.seed,
                          device=_device(args.device), run_dir=args.run_dir,
                          probe_every=0 if args.no_probe else args.probe_every, limit=args.limit)
     if args.download:
         from .data import load_cifar10
         load_cifar10(args.data, "test", download=True)
-    signal.signal(signal.SIGTERM, _interrupt)
-    print(f"wrote {train(config, resume=args.resume)}")
+    with process_group(config.device) as processes:  # several under torchrun: DistributedDataParallel
+        path = train(config, resume=args.resume, processes=processes)
+    if processes.main:
+        print(f"wrote {path}")
     return 0
 
 
-COMMANDS = {"responses": cmd_responses, "analyze": cmd_analyze, "compare": cmd_compare, "sites": cmd_sites,
-            "train": cmd_train}
+COMMANDS = {"responses": cmd_responses, "analyze": cmd_analyze, "compare": cmd_compare, "dynamics": cmd_dynamics,
+            "report": cmd_report, "sites": cmd_sites, "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `layer-probe` command; returns the exit code (2 for user errors)."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return COMMANDS[args.command](args)
     except LayerProbeError as e:
@@ -281,3 +371,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layer-probe: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)

@@ -1,5 +1,6 @@
 """CIFAR-10 as uint8 arrays: from torchvision's `cifar-10-batches-py`, an ImageFolder tree
-(`train/<class>/*`, `test/<class>/*`) or a tar/tar.gz of one.
+(`train/<class>/*`, `test/<class>/*`) or a tar/tar.gz of one. ImageNet-style evaluation folders
+are read lazily instead, through DataLoader workers (`load_image_folder`, `folder_batches`).
 
 Decoded images are cached as uint8 arrays, keyed by the source's checksum, so the second
 run starts in seconds. Classes are in the standard CIFAR-10 order.
@@ -80,7 +81,8 @@ def load_cifar10(data: str | Path | None, split: Split = "test", *, download: bo
     cached = cache_dir() / "data" / f"{digest[:16]}-{split}.npz"
     if use_cache and cached.exists():
         with np.load(cached, allow_pickle=False) as z:
-            return ImageSet(z["images"], z["labels"], str(path), split, digest, tuple(z["skipped"].tolist()))
+            return _warn_incomplete(ImageSet(z["images"], z["labels"], str(path), split, digest,
+                                             tuple(z["skipped"].tolist())))
     if batches:
         images, labels, skipped = _read_batches(batches, split)
     elif path.is_dir():
@@ -90,7 +92,7 @@ def load_cifar10(data: str | Path | None, split: Split = "test", *, download: bo
     if use_cache:
         with atomic_path(cached) as tmp, open(tmp, "wb") as f:
             np.savez(f, images=images, labels=labels, skipped=np.array(skipped, dtype=str))
-    return ImageSet(images, labels, str(path), split, digest, tuple(skipped))
+    return _warn_incomplete(ImageSet(images, labels, str(path), split, digest, tuple(skipped)))
 
 
 def to_tensors(data: ImageSet, limit: int | None = None, device: str | torch.device = "cpu",
@@ -131,6 +133,70 @@ def batches(images: Tensor, labels: Tensor, batch_size: int, mean: tuple[float, 
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start:start + batch_size], mean, std)
         yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[start:start + batch_size]
+
+
+IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # the standard evaluation transform: shorter side to 256, centre 224x224
+
+
+@dataclass(frozen=True)
+class ImageFolderSet:
+    """An ImageNet-style folder `<class>/<image>`, read lazily: DataLoader workers decode, resize and crop.
+
+    Labels index the sorted class-folder names (torchvision's ImageFolder order; for ImageNet's
+    synset folders n01440764, ... it is the label order of torchvision's weights).
+    """
+
+    dataset: torch.utils.data.Dataset  # item i -> ([224, 224, 3] uint8 RGB, class index)
+    source: str
+    sha256: str  # of the folder's file listing (relative names, sizes, mtimes)
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def load_image_folder(root: str | Path) -> ImageFolderSet:
+    """An evaluation folder such as `imagenet/val` (`<class>/*.JPEG`) with resize 256, centre crop 224.
+
+    Any image size and mode (grey, CMYK, ...) is accepted: images are converted to RGB first.
+    """
+    from torchvision import datasets, transforms
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise LayerProbeError(f"{root}: no such folder; expected an ImageFolder such as imagenet/val, with one "
+                              "sub-folder of images per class")
+    transform = transforms.Compose([transforms.Resize(IMAGENET_RESIZE), transforms.CenterCrop(IMAGENET_CROP),
+                                    _hwc_uint8])
+    try:
+        dataset = datasets.ImageFolder(str(root), transform=transform)
+    except FileNotFoundError as e:
+        raise LayerProbeError(f"{root}: not an ImageFolder ({e}); expected <class>/<image> sub-folders") from None
+    return ImageFolderSet(dataset, str(root), _digest(root), tuple(dataset.classes))
+
+
+def folder_batches(data: ImageFolderSet, index: np.ndarray, batch_size: int, mean: tuple[float, ...],
+                   std: tuple[float, ...], device: str | torch.device = "cpu", *, workers: int = 4
+                   ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Normalised batches [B, 3, 224, 224] and labels [B] of the images `index` of `data`, in that order.
+
+    Workers decode into uint8 [B, 224, 224, 3], pinned when `device` is a GPU; the copy to the
+    device does not block and `normalize` runs there, so only a quarter of float32's bytes cross.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    if batch_size < 1:
+        raise LayerProbeError(f"--batch-size must be at least 1, got {batch_size}")
+    device = torch.device(device)
+    loader = DataLoader(Subset(data.dataset, index.tolist()), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    for x, y in loader:
+        yield normalize(x.to(device, non_blocking=True), mean, std), y.to(device, non_blocking=True)
+
+
+def _hwc_uint8(image: object) -> Tensor:
+    """A PIL image as [H, W, 3] uint8 (a module-level function, so DataLoader workers can pickle it)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 def _download(root: Path) -> None:
@@ -215,6 +281,10 @@ def _walk_tar(path: Path, split: Split) -> Iterator[tuple[str, str, bytes]]:
                 cls = _class_of(Path(member.name).parts, split) if member.isfile() else None
                 if cls is not None:
                     yield member.name, cls, tar.extractfile(member).read()
+            # tarfile ends quietly at a cut or damaged header; a complete archive ends with a zero block
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive marker after {tar.offset} bytes")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise LayerProbeError(f"{path}: not a readable tar archive of CIFAR-10 images "
                               f"({type(e).__name__}: {e}); is the file truncated?") from None
@@ -231,21 +301,31 @@ def _read_tree(entries: Iterator[tuple[str, str, bytes]], source: Path, split: S
             unknown.add(cls)
             continue
         try:
-            with Image.open(io.BytesIO(raw)) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            with Image.open(io.BytesIO(raw)) as im:  # reads the header only: other sizes are never decoded
+                arr = np.asarray(im.convert("RGB")) if im.size == (32, 32) else None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             skipped.append(name)
             continue
-        if arr.shape != (32, 32, 3):
+        if arr is None or arr.shape != (32, 32, 3):
             skipped.append(name)
             continue
         images.append(arr)
         labels.append(CLASSES.index(cls))
     if unknown:
         raise LayerProbeError(f"{source}: class folders {sorted(unknown)} are not CIFAR-10 classes {list(CLASSES)}")
-    if skipped:
-        print(f"warning: {source}: skipped {len(skipped)} unreadable or non-32x32 image(s), e.g. {skipped[0]}",
-              file=sys.stderr)
     if not images:
-        raise LayerProbeError(f"{source}: no readable images in the {split} split")
+        raise LayerProbeError(f"{source}: no readable images in the {split} split"
+                              + (f" ({len(skipped)} unreadable or non-32x32, e.g. {skipped[0]})" if skipped else ""))
     return np.stack(images), np.asarray(labels, dtype=np.int64), skipped
+
+
+def _warn_incomplete(data: ImageSet) -> ImageSet:
+    """Warn about skipped images and classes without images, on every load (cached or not)."""
+    if data.skipped:
+        print(f"warning: {data.source}: skipped {len(data.skipped)} unreadable or non-32x32 image(s) in the "
+              f"{data.split} split, e.g. {data.skipped[0]}", file=sys.stderr)
+    present = set(np.unique(data.labels).tolist())
+    missing = [c for i, c in enumerate(CLASSES) if i not in present]
+    if missing:
+        print(f"warning: {data.source}: no {data.split} images of class(es) {', '.join(missing)}", file=sys.stderr)
+    return data

@@ -14,20 +14,33 @@ from pathlib import Path
 
 from .errors import LayerProbeError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces `path`, on failure it is removed."""
+    """Yield a temporary path to write; on success it replaces `path`, on failure it is removed.
+
+    The temporary file is flushed to disk before the rename, so a full disk that only shows
+    at flush time still leaves the old file. An OSError (no space, no permission) becomes a
+    `LayerProbeError` that names `path`; anything else, Ctrl-C included, passes through.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # after the rename there is nothing left to remove
+    except OSError as e:
+        raise LayerProbeError(f"cannot write {path}: {e.strerror or e}; any earlier version is unchanged") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

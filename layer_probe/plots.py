@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .analysis import Analysis  # noqa: E402
+from .dynamics import History  # noqa: E402
 from .errors import LayerProbeError  # noqa: E402
 from .files import atomic_path  # noqa: E402
 from .results import Responses  # noqa: E402
@@ -85,9 +87,11 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     fmt = path.suffix.lower()[1:]
     metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None, "Producer": None},
                 "svg": {"Date": None}}[fmt]
-    with atomic_path(path) as tmp, plt.rc_context({"svg.hashsalt": "layer-probe"}):
-        fig.savefig(tmp, format=fmt, dpi=300, metadata=metadata)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp, plt.rc_context({"svg.hashsalt": "layer-probe"}):
+            fig.savefig(tmp, format=fmt, dpi=300, metadata=metadata)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -115,4 +119,52 @@ def plot_analysis(analysis: Analysis, *, style: Style = "report") -> Figure:
         axes[3].set_xlabel("block (network order)")
         axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(analysis.meta.get("label") or analysis.meta.get("arch", ""), fontsize="medium")
+    return fig
+
+
+def plot_dynamics(histories: Sequence[History], *, style: Style = "report") -> Figure:
+    """For each model: a heatmap of std (layer index x epoch) on a colour scale shared by all
+    models, the mean std per stage against epoch, and the mean ||F(x)||/||x|| per stage."""
+    import seaborn as sns
+
+    vmax = max(float(h.frame["std"].quantile(0.99)) for h in histories)
+    with plt.rc_context(_style(style)):
+        fig, axes = plt.subplots(len(histories), 3, figsize=(SINGLE_COLUMN * 2.6, 1.9 * len(histories) + 0.4),
+                                 squeeze=False, layout="constrained", gridspec_kw={"width_ratios": [1.6, 1, 1]})
+        for i, (row, h) in enumerate(zip(axes, histories)):
+            matrix = h.std_matrix()
+            sns.heatmap(matrix, ax=row[0], vmin=0, vmax=vmax, cmap="viridis", cbar=i == 0,
+                        cbar_kws={"label": "std of BN output"}, xticklabels=max(1, matrix.shape[1] // 8),
+                        yticklabels=max(1, matrix.shape[0] // 6))
+            row[0].invert_yaxis()
+            row[0].set(title=h.label, xlabel="epoch", ylabel="layer index")
+            stages = h.per_stage()
+            for stage, part in stages.groupby("stage"):
+                name = "stem" if stage == 0 else f"stage {stage}"
+                row[1].plot(part.epoch, part["std"], lw=1, label=name, color=f"C{stage}")
+                if part["ratio"].notna().any():
+                    row[2].plot(part.epoch, part["ratio"], lw=1, label=name, color=f"C{stage}")
+            row[1].set(xlabel="epoch", ylabel="mean std")
+            row[2].set(xlabel="epoch", ylabel="mean ‖F(x)‖/‖x‖")
+        handles, labels = axes[0][1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", frameon=False)
+    return fig
+
+
+def plot_training_curves(logs: dict[str, pd.DataFrame], *, style: Style = "report") -> Figure:
+    """Fig. 6's style: training error (dashed) and test error (solid) per epoch, plain nets left, ResNets right."""
+    with plt.rc_context(_style(style)):
+        fig, axes = plt.subplots(1, 2, figsize=(SINGLE_COLUMN * 2, SINGLE_COLUMN * 0.9), sharey=True,
+                                 layout="constrained")
+        for ax, kind in zip(axes, ("plain", "resnet")):
+            names = [n for n in logs if n.startswith(kind)]
+            for i, name in enumerate(sorted(names, key=lambda n: int("".join(filter(str.isdigit, n)) or 0))):
+                log = logs[name]
+                ax.plot(log.epoch, log.train_error, "--", color=f"C{i}", lw=1)
+                ax.plot(log.epoch, log.test_error, "-", color=f"C{i}", lw=1.2, label=name)
+            ax.set(xlabel="epoch", title="plain" if kind == "plain" else "ResNet")
+            if names:
+                ax.legend(frameon=False, fontsize="small", title="dashed: train, solid: test",
+                          title_fontsize="x-small")
+        axes[0].set_ylabel("error (%)")
     return fig

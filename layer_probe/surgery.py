@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .data import batches
 from .errors import LayerProbeError
 from .models import BasicBlock, CifarNet
 from .probe import Hooks
@@ -94,3 +95,32 @@ def deepen(model: CifarNet, extra_blocks: int) -> CifarNet:
         blocks = list(stage) + [identity_block(planes, residual=residual) for _ in range(extra_blocks)]
         setattr(deeper, name, nn.Sequential(*blocks))
     return deeper
+
+
+@dataclass(frozen=True)
+class IdentityCheck:
+    """A shallow network next to its identity-deepened copy, on the same images."""
+
+    arch: str
+    depth: int
+    deep_depth: int
+    max_logit_diff: float  # max |logit difference| over all images and classes
+    error: float  # top-1 error (percent) of the shallow network
+    deep_error: float  # ... and of the deeper one: equal when the construction is exact
+
+
+def identity_check(model: CifarNet, arch: str, extra_blocks: int, images: Tensor, labels: Tensor,
+                   mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 500) -> IdentityCheck:
+    """Deepen `model` by identity blocks and measure how far the deeper network's outputs are from the shallow one's."""
+    deep = deepen(model, extra_blocks)
+    diff, wrong, deep_wrong = 0.0, 0, 0
+    model.eval()
+    with torch.inference_mode():
+        for x, y in batches(images, labels, batch_size, mean, std):
+            a, b = model(x), deep(x)
+            diff = max(diff, float((a - b).abs().max()))
+            wrong += int((a.argmax(1) != y).sum())
+            deep_wrong += int((b.argmax(1) != y).sum())
+    depth = 6 * len(model.layer1) + 2
+    return IdentityCheck(arch, depth, depth + 6 * extra_blocks, diff, 100.0 * wrong / len(labels),
+                         100.0 * deep_wrong / len(labels))

@@ -32,10 +32,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, torch_load
 from .data import CIFAR_MEAN, CIFAR_STD, ImageSet, cache_dir, load_cifar10, normalize, subset, to_tensors
+from .distributed import Processes
 from .errors import LayerProbeError
-from .files import atomic_path, write_text
+from .files import atomic_path, check_writable, write_text
 from .models import build_model
 from .results import ProbeConfig, Responses, measure_responses
 
@@ -133,10 +134,18 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float
     return 100.0 * int(wrong) / len(labels)
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Train `config.arch`, resuming from `config.state_dir` when asked; returns the checkpoint path."""
+def train(config: TrainConfig, *, resume: bool = False, processes: Processes = Processes()) -> Path:
+    """Train `config.arch`, resuming from `config.state_dir` when asked; returns the checkpoint path.
+
+    With several `processes` (torchrun, see `distributed.process_group`) the model trains under
+    DistributedDataParallel: every process draws the same batches and augmentations, trains on
+    its share of each batch (BN statistics per process, as on the paper's two GPUs), and rank 0
+    alone evaluates, probes and writes.
+    """
     rc, device = config.recipe, torch.device(config.device)
     state_path = config.state_dir / "state.pt"
+    check_writable(config.out.parent)  # both are written after every epoch: fail before any work, not after it
+    check_writable(config.state_dir)
     if state_path.exists() and not resume:
         raise LayerProbeError(f"{config.state_dir} holds a saved run; pass --resume to continue it "
                               "or --run-dir to start another")
@@ -158,17 +167,20 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     optimizer = torch.optim.SGD(params, lr=rc.lr, momentum=rc.momentum, nesterov=rc.nesterov)
     steps = math.ceil(len(y_train) / rc.batch_size)
     total = steps * rc.epochs
+    if processes.active:  # fail now rather than at the end of an epoch if the last, smallest batch cannot be shared
+        processes.shard(len(y_train) - (steps - 1) * rc.batch_size)
     epoch, wall, epochs_csv, history_csv, summary = 0, 0.0, "", "", {"epochs": 0}
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = _read_state(state_path, config.arch)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         epoch, wall, epochs_csv, history_csv = state["epoch"], state["wall_s"], state["epochs_csv"], state["history_csv"]
         summary = state["summary"]
     model = model.to(memory_format=torch.channels_last)
-    meta = _meta(config, train_set)
-    if epoch == 0:
+    net = processes.wrap(model)
+    meta = _meta(config, train_set) | {"processes": processes.size}
+    if epoch == 0 and processes.main:
         history_csv = _csv(HISTORY_FIELDS, _history_rows(0, _probe(model, probe_x, probe_y)))
         epochs_csv = _csv(EPOCH_FIELDS, [])
     for epoch in range(epoch + 1, rc.epochs + 1):
@@ -178,23 +190,30 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         wrong = torch.zeros((), dtype=torch.long, device=device)
         lr = rc.lr
-        for i in tqdm(range(steps), desc=f"epoch {epoch}/{rc.epochs}", leave=False, disable=not config.progress or None):
+        quiet = not (config.progress and processes.main) or None
+        for i in tqdm(range(steps), desc=f"epoch {epoch}/{rc.epochs}", leave=False, disable=quiet):
             idx = perm[i * rc.batch_size:(i + 1) * rc.batch_size]
-            x = normalize(augment(x_train[idx], generator), CIFAR_MEAN, CIFAR_STD).contiguous(
+            mine = processes.shard(len(idx))  # this process's share of the batch: all of it in one process
+            x = normalize(augment(x_train[idx], generator)[mine], CIFAR_MEAN, CIFAR_STD).contiguous(
                 memory_format=torch.channels_last)
-            y = y_train[idx]
+            y = y_train[idx][mine]
             lr = lr_at(rc, (epoch - 1) * steps + i, total, config.arch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rc.bf16):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=rc.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the processes' gradients; weighting each by its share of the batch makes the step that
+            # of the whole batch's mean loss even when the batch splits unevenly (the weight is 1 in one process)
+            (loss * (len(y) * processes.size / len(idx))).backward()
             optimizer.step()
             loss_sum += loss.detach().double() * len(y)
             wrong += (logits.detach().argmax(1) != y).sum()
         train_s = time.perf_counter() - t0
+        loss_sum, wrong = processes.sum(loss_sum), processes.sum(wrong)
+        if not processes.main:  # the others go on to the next epoch and wait there for rank 0
+            continue
         test_error = evaluate(model, x_test, y_test, CIFAR_MEAN, CIFAR_STD)
         val_error = evaluate(model, x_val, y_val, CIFAR_MEAN, CIFAR_STD) if len(y_val) else float("nan")
         t1 = time.perf_counter()
@@ -217,10 +236,22 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         print(f"{config.arch} epoch {epoch}/{rc.epochs}: loss {row['train_loss']:.3f}, train error "
               f"{row['train_error']:.2f}%, test error {test_error:.2f}%, {row['images_per_s']:.0f} img/s, "
               f"probe {probe_s:.1f}s", flush=True)
+    if not processes.main:
+        return config.out
     save_checkpoint(config.out, model, config.arch, {}, meta | summary)
     write_text(epochs_path(config.out), epochs_csv)
     write_text(history_path(config.out), history_csv)
     return config.out
+
+
+def _read_state(path: Path, arch: str) -> dict[str, Any]:
+    """A saved run, read on the CPU like any untrusted file (see `torch_load`); refused unless it is a run of `arch`."""
+    state = torch_load(path)
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or saved.get("arch") != arch:
+        found = f"a run of {saved.get('arch')}" if isinstance(saved, dict) else "no training run"
+        raise LayerProbeError(f"{path}: holds {found}, not of {arch}; pass another --run-dir to start a new run")
+    return state
 
 
 def history_path(checkpoint: str | Path) -> Path:

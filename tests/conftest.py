@@ -77,3 +77,22 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# ImageNet-style folder: (class, file, size (w, h), PIL mode); odd sizes, one below 224, grey, CMYK, RGBA PNG.
+FOLDER_IMAGES = [("n0001", "a.JPEG", (300, 257), "RGB"), ("n0001", "b.JPEG", (259, 400), "L"),
+                 ("n0001", "c.png", (150, 97), "RGBA"), ("n0002", "d.JPEG", (501, 231), "RGB"),
+                 ("n0002", "e.JPEG", (224, 224), "CMYK"), ("n0002", "f.JPEG", (333, 333), "RGB")]
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A tiny ImageFolder `val/<class>/<image>` of random images in every size and mode of FOLDER_IMAGES."""
+    root = tmp_path_factory.mktemp("imagenet") / "val"
+    rng = np.random.default_rng(0)
+    for cls, name, (w, h), mode in FOLDER_IMAGES:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, size=(h, w, 4), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        image.save(root / cls / name, format="PNG" if name.endswith(".png") else "JPEG")
+    return root

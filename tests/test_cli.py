@@ -1,11 +1,15 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import FOLDER_IMAGES
 from layer_probe.checkpoint import save_checkpoint
 from layer_probe.cli import main
-from test_probe import trained_like
+from layer_probe.data import IMAGENET_MEAN, IMAGENET_STD
+from test_data import eval_crop
+from test_probe import stored_activations, trained_like
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +89,32 @@ def test_unwritable_out_is_reported_before_work(ckpt, tree, tmp_path, capsys):
     blocker.write_text("")
     code, _, err = run(capsys, "responses", ckpt, "--data", tree, "--out", blocker / "sub")
     assert code == 2 and "cannot write" in err
+
+
+@pytest.mark.parametrize("arch, n_sites, n_branch", [("resnet18", 20, 8),
+                                                     pytest.param("resnet50", 53, 16, marks=pytest.mark.slow)])
+def test_imagenet_folder_with_torchvision_weights(arch, n_sites, n_branch, image_folder, tmp_path, capsys):
+    """A torchvision state_dict on an ImageNet-style folder: the arch read from the keys, std as torch.std gives it."""
+    model = trained_like(arch)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    code, out, err = run(capsys, "responses", tmp_path / "weights.pth", "--imagenet", image_folder, "--sites", "all-bn",
+                         "--batch-size", 4, "--workers", 0, "--format", "json", "--device", "cpu")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["arch"] == arch and payload["images"] == 6 and payload["split"] == "val"
+    assert len(payload["sites"]) == n_sites and [s["role"] for s in payload["sites"]].count("branch_out") == n_branch
+    assert len(payload["blocks"]) == n_branch
+    crops = np.stack([eval_crop(image_folder / cls / name) for cls, name, _, _ in FOLDER_IMAGES]) / 255
+    x = torch.from_numpy((crops - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).permute(0, 3, 1, 2).float()
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    stored, logits = stored_activations(model, [s["name"] for s in payload["sites"]], [(x[:4], y[:4]), (x[4:], y[4:])])
+    assert payload["top1"] == pytest.approx(100 * (logits.argmax(1) == y).double().mean().item())
+    for s in payload["sites"]:
+        a = stored[s["name"]]
+        assert s["std"] == pytest.approx(a.std().item(), rel=1e-5)
+        assert s["channel_std"] == pytest.approx(a.transpose(0, 1).reshape(a.shape[1], -1).std(1).tolist(), rel=1e-5)
+
+
+def test_imagenet_and_data_together_is_an_error(ckpt, tree, image_folder, capsys):
+    code, _, err = run(capsys, "responses", ckpt, "--data", tree, "--imagenet", image_folder)
+    assert code == 2 and "either --data" in err

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_images
-from layer_probe.data import CLASSES, batches, load_cifar10, normalize, to_tensors
+from conftest import FOLDER_IMAGES, synthetic_images
+from layer_probe.data import (CLASSES, IMAGENET_MEAN, IMAGENET_STD, batches, folder_batches, load_cifar10,
+                              load_image_folder, normalize, to_tensors)
 from layer_probe.errors import LayerProbeError
 
 
@@ -90,3 +91,36 @@ def test_normalize_and_batches():
         next(batches(images, torch.arange(3), 0, (0,) * 3, (1,) * 3))
     assert CLASSES[0] == "airplane" and CLASSES[-1] == "truck"
     assert tarfile.is_tarfile  # the tar reader is stdlib
+
+
+def eval_crop(path) -> np.ndarray:
+    """The standard ImageNet evaluation transform, by hand: shorter side to 256 (bilinear), centre 224x224."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        im = im.resize(size, Image.BILINEAR)
+        top, left = round((im.size[1] - 224) / 2), round((im.size[0] - 224) / 2)
+        return np.asarray(im)[top:top + 224, left:left + 224]
+
+
+def test_image_folder_batches_are_the_standard_eval_crops(image_folder):
+    data = load_image_folder(image_folder)
+    assert len(data) == 6 and data.classes == ("n0001", "n0002") and len(data.sha256) == 64
+    index = np.array([0, 2, 3, 4, 5])
+    got = list(folder_batches(data, index, 2, IMAGENET_MEAN, IMAGENET_STD, workers=2))
+    assert [tuple(x.shape) for x, _ in got] == [(2, 3, 224, 224)] * 2 + [(1, 3, 224, 224)]
+    assert torch.cat([y for _, y in got]).tolist() == [0, 0, 1, 1, 1]
+    files = [image_folder / cls / name for cls, name, _, _ in FOLDER_IMAGES]
+    expected = np.stack([eval_crop(files[i]) for i in index]).astype(np.float64) / 255
+    expected = (expected - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(torch.cat([x for x, _ in got]).permute(0, 2, 3, 1).numpy(), expected, atol=1e-5)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(LayerProbeError, match="no such folder"):
+        load_image_folder(tmp_path / "missing")
+    (tmp_path / "empty" / "n0001").mkdir(parents=True)
+    with pytest.raises(LayerProbeError, match="not an ImageFolder"):
+        load_image_folder(tmp_path / "empty")

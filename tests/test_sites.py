@@ -52,6 +52,31 @@ def test_torchvision_resnets(arch, n_sites, n_branch, n_3x3):
         {"layer1.0.downsample"} if arch == "resnet18" else set())
 
 
+@pytest.mark.parametrize("arch, blocks, bottleneck, width", [
+    ("resnet18", (2, 2, 2, 2), False, 64), ("resnet34", (3, 4, 6, 3), False, 64),
+    ("resnet50", (3, 4, 6, 3), True, 64), ("resnet101", (3, 4, 23, 3), True, 64),
+    ("resnet152", (3, 8, 36, 3), True, 64), ("wide_resnet50_2", (3, 4, 6, 3), True, 128),
+    ("resnext50_32x4d", (3, 4, 6, 3), True, 128)])
+def test_every_torchvision_resnet(arch, blocks, bottleneck, width):
+    """Per block its conv-BN sites (F(x) ends at bn3, after a 1x1 conv, in a Bottleneck), then any projection."""
+    layout = find_sites(build_model(arch))
+    per_block = ["inner", "inner", "branch_out"] if bottleneck else ["inner", "branch_out"]
+    expected = [("bn1", "stem", 7)]
+    for stage, n in enumerate(blocks, 1):
+        for b in range(n):
+            name = f"layer{stage}.{b}"
+            kernels = (1, 3, 1) if bottleneck else (3, 3)
+            expected += [(f"{name}.bn{i}", role, k) for i, (role, k) in enumerate(zip(per_block, kernels), 1)]
+            if b == 0 and (stage > 1 or bottleneck):
+                expected.append((f"{name}.downsample.1", "shortcut", 1))
+    assert [(s.name, s.role, s.kernel) for s in layout.sites] == expected
+    assert len(layout.blocks) == sum(blocks) and all(b.residual for b in layout.blocks)
+    assert sum(s.role == "branch_out" for s in layout.sites) == sum(blocks)  # resnet50: 16
+    three = layout.select("3x3").sites  # Fig. 7's rule: bn2 of each Bottleneck, both BNs of a BasicBlock
+    assert len(three) == sum(blocks) * (1 if bottleneck else 2)
+    assert layout["layer1.0.bn2"].channels == width
+
+
 class Untraceable(nn.Module):
     """A residual block whose forward branches on data, so torch.fx cannot trace it."""
 

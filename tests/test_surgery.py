@@ -46,3 +46,14 @@ def test_lesion_zeroes_f_and_keeps_the_shortcut():
     assert cut.removable
     assert torch.equal(out, torch.relu(model.layer2[0].shortcut(x)))
     assert not model.layer2[0].bn2._forward_hooks
+
+
+def test_identity_check_reports_equal_outputs_and_errors():
+    from layer_probe.surgery import identity_check
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (30, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (30,), generator=g)
+    check = identity_check(trained_like("plain8"), "plain8", 3, images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=7)
+    assert (check.depth, check.deep_depth) == (8, 26)
+    assert check.max_logit_diff == 0.0 and check.error == check.deep_error

@@ -52,7 +52,7 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
                               f"for the {len(MODELS)} known names (e.g. resnet56, plain20, resnet50)")
     try:
         return MODELS[arch](**kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. a negative size
         raise LayerProbeError(f"cannot build {arch} with {kwargs}: {e}") from None
 
 

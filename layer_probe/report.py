@@ -1,0 +1,101 @@
+"""`layer-probe report`: the figures and numbers behind the notebooks' questions, without Jupyter.
+
+Writes into one folder: Fig. 7 for all models with the claim tests, the F(x) report of each
+model, the response dynamics, the training curves (Fig. 6's style), the identity construction
+check, and `report.md` that ties them together.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from .analysis import AnalysisConfig, analyze, compare
+from .checkpoint import load_checkpoint
+from .data import load_cifar10, to_tensors
+from .dynamics import read_epochs, read_history, summary
+from .errors import LayerProbeError
+from .files import write_text
+from .plots import plot_analysis, plot_dynamics, plot_responses, plot_training_curves, save_figure
+from .surgery import identity_check
+
+JPEG_NOTE = ("Numbers come from the JPEG re-encoding of CIFAR-10 (quality 75, 4:2:0) when that is the data "
+             "given; it is not pixel-identical to CIFAR-10, so accuracies are not comparable with the paper's.")
+
+
+def build_report(checkpoints: Sequence[str | Path], out: str | Path, *, data: str | None = None,
+                 limit: int | None = None, device: str = "cpu", progress: bool = True) -> Path:
+    """Measure every checkpoint on the test split and write the report into `out`; returns report.md."""
+    out = Path(out)
+    test = load_cifar10(data, "test")
+    images, labels = to_tensors(test, limit, device)
+    models = [load_checkpoint(path, device=device) for path in checkpoints]
+    lesion_images = min(len(labels), 1000)
+    analyses, responses = [], []
+    for ckpt in models:
+        meta = {"checkpoint": ckpt.path, "arch": ckpt.arch, "label": ckpt.arch, "split": "test", "data": test.source,
+                "data_sha256": test.sha256}
+        a, r = analyze(ckpt.model, images, labels, ckpt.mean, ckpt.std, AnalysisConfig(lesion_images=lesion_images),
+                       meta=meta, progress=progress)
+        analyses.append(a)
+        responses.append(r)
+        a.save(out / ckpt.arch)
+        r.save(out / ckpt.arch)
+        save_figure(plot_analysis(a), out / f"{ckpt.arch}_blocks.png")
+    comparison = compare(responses)
+    comparison.save(out)
+    for suffix in (".png", ".pdf"):
+        save_figure(plot_responses(responses), out / f"fig7{suffix}")
+    lines = [f"# Layer responses of {', '.join(c.arch for c in models)}", "", JPEG_NOTE, "",
+             f"{len(labels)} test images from `{test.source}` (sha256 {test.sha256[:12]}…).", "",
+             "## Fig. 7: std of each 3×3 layer's BN output", "", "![Fig. 7](fig7.png)", "",
+             _markdown(pd.DataFrame(comparison.summary)), "", "### The paper's claims, tested", "",
+             _markdown(comparison.tests_dataframe()[["claim", "models", "statistic", "p_value", "effect", "effect_name",
+                                                      "holds"]]), ""]
+    lines += ["## Is F(x) close to zero? Why does the std rise in the last layers?", ""]
+    rows = [{"model": a.meta["arch"], "close_to_zero": a.close_to_zero, **a.closeness, **a.gamma_fit,
+             "rise": a.rise.ratio, "rise_low": a.rise.low, "rise_high": a.rise.high, "rises": a.rise.rises,
+             **a.rise.evidence} for a in analyses]
+    lines += [_markdown(pd.DataFrame(rows)), ""]
+    lines += [f"![{a.meta['arch']}]({a.meta['arch']}_blocks.png)" for a in analyses] + [""]
+    histories = [h for c in models if (h := _optional(read_history, c.path, c.arch)) is not None]
+    if histories:
+        save_figure(plot_dynamics(histories), out / "dynamics.png")
+        table = summary(histories)
+        write_text(out / "dynamics.csv", table.to_csv(index=False))
+        lines += ["## Response dynamics during training", "", "![dynamics](dynamics.png)", "", _markdown(table), ""]
+    logs = {c.arch: log for c in models if (log := _optional(read_epochs, c.path)) is not None}
+    if logs:
+        save_figure(plot_training_curves(logs), out / "training_curves.png")
+        finals = pd.DataFrame([{"model": k, "final_train_error": v.train_error.iloc[-1],
+                                "final_test_error": v.test_error.iloc[-1]} for k, v in logs.items()])
+        lines += ["## Training curves (Fig. 6's style) and degradation", "", "![training](training_curves.png)", "",
+                  _markdown(finals), ""]
+    shallow = [c for c in models if c.arch in ("resnet20", "plain20")]
+    if shallow:
+        checks = [identity_check(c.model, c.arch, 6, images, labels, c.mean, c.std) for c in shallow]
+        write_text(out / "identity.json", json.dumps([asdict(c) for c in checks], indent=1) + "\n")
+        lines += ["## Identity construction: a deeper net that is no worse", "",
+                  _markdown(pd.DataFrame([asdict(c) for c in checks])), ""]
+    report = out / "report.md"
+    write_text(report, "\n".join(lines))
+    return report
+
+
+def _optional(reader, *args):  # noqa: ANN001, ANN202 - read_history or read_epochs and their result
+    """What `reader` returns, or None when the file it needs is not there."""
+    try:
+        return reader(*args)
+    except LayerProbeError:
+        return None
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A pipe table (pandas' to_markdown needs an extra package)."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    return "\n".join([header, "|" + "---|" * len(frame.columns)] + ["| " + " | ".join(r) + " |" for r in cells])
