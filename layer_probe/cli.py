@@ -65,8 +65,15 @@ def _add_probe_args(p: argparse.ArgumentParser, *, several: bool = False) -> Non
     p.add_argument("--std", type=float, nargs=3, help="input normalisation std (overrides the checkpoint)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit code 2), like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layer-probe", description="Layer responses of plain and residual "
+    parser = _Parser(prog="layer-probe", description="Layer responses of plain and residual "
                                      "networks (He et al. 2016, Section 4.2, Fig. 7).")
     sub = parser.add_subparsers(dest="command", required=True)
 
