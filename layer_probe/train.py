@@ -38,6 +38,7 @@ from .distributed import Processes
 from .errors import LayerProbeError
 from .files import atomic_path, check_writable, write_text
 from .models import build_model
+from .probe import top1
 from .results import ProbeConfig, Responses, measure_responses
 
 
@@ -120,20 +121,6 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     return padded[torch.arange(n, device=images.device)[:, None, None], rows, cols]
 
 
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-             batch_size: int = 1000) -> float:
-    """Top-1 error in percent, fp32, eval mode (the model's mode is restored)."""
-    was = model.training
-    model.eval()
-    wrong = torch.zeros((), dtype=torch.long, device=labels.device)
-    with torch.inference_mode():
-        for s in range(0, len(labels), batch_size):
-            x = normalize(images[s:s + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
-            wrong += (model(x).argmax(1) != labels[s:s + batch_size]).sum()
-    model.train(was)
-    return 100.0 * int(wrong) / len(labels)
-
-
 def train(config: TrainConfig, *, resume: bool = False, processes: Processes = Processes()) -> Path:
     """Train `config.arch`, resuming from `config.state_dir` when asked; returns the checkpoint path.
 
@@ -214,8 +201,9 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
         loss_sum, wrong = processes.sum(loss_sum), processes.sum(wrong)
         if not processes.main:  # the others go on to the next epoch and wait there for rank 0
             continue
-        test_error = evaluate(model, x_test, y_test, CIFAR_MEAN, CIFAR_STD)
-        val_error = evaluate(model, x_val, y_val, CIFAR_MEAN, CIFAR_STD) if len(y_val) else float("nan")
+        test_error = 100.0 - top1(model, x_test, y_test, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True)
+        val_error = 100.0 - top1(model, x_val, y_val, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True) \
+            if len(y_val) else float("nan")
         t1 = time.perf_counter()
         if config.probe_every and epoch % config.probe_every == 0:
             history_csv += _csv(HISTORY_FIELDS, _history_rows(epoch, _probe(model, probe_x, probe_y)), header=False)

@@ -74,7 +74,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tree):
     # Interrupt after epoch 1 by running a 2-epoch recipe only to epoch 1: stop via a raising callback.
     import layer_probe.train as t
 
-    original, calls = t.evaluate, {"n": 0}
+    original, calls = t.top1, {"n": 0}
 
     def evaluate_then_die(*args, **kwargs):
         calls["n"] += 1
@@ -82,12 +82,12 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tree):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    t.evaluate = evaluate_then_die
+    t.top1 = evaluate_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             train(first)
     finally:
-        t.evaluate = original
+        t.top1 = original
     with pytest.raises(LayerProbeError, match="--resume"):
         train(first)
     train(first, resume=True)
