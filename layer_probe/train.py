@@ -158,7 +158,7 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
         processes.shard(len(y_train) - (steps - 1) * rc.batch_size)
     epoch, wall, epochs_csv, history_csv, summary = 0, 0.0, "", "", {"epochs": 0}
     if resume and state_path.exists():
-        state = _read_state(state_path, config.arch)
+        state = _read_state(state_path, config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -232,13 +232,24 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
     return config.out
 
 
-def _read_state(path: Path, arch: str) -> dict[str, Any]:
-    """A saved run, read on the CPU like any untrusted file (see `torch_load`); refused unless it is a run of `arch`."""
+def _read_state(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """A saved run, read on the CPU like any untrusted file (see `torch_load`).
+
+    Refused unless it is a run of the same architecture and recipe: continuing with another
+    recipe (e.g. another --epochs) would silently change the learning-rate schedule mid-run.
+    """
+    arch = config.arch
     state = torch_load(path)
     saved = state.get("config") if isinstance(state, dict) else None
     if not isinstance(saved, dict) or saved.get("arch") != arch:
         found = f"a run of {saved.get('arch')}" if isinstance(saved, dict) else "no training run"
         raise LayerProbeError(f"{path}: holds {found}, not of {arch}; pass another --run-dir to start a new run")
+    recipe = saved.get("recipe")
+    if isinstance(recipe, dict) and recipe != asdict(config.recipe):
+        changed = sorted(k for k in recipe if recipe[k] != asdict(config.recipe).get(k))
+        raise LayerProbeError(f"{path}: this run was started with another recipe ({', '.join(changed)} differ: "
+                              f"{', '.join(f'{k}={recipe[k]}' for k in changed)}); resume with the same --recipe "
+                              "and --epochs, or pass another --run-dir")
     return state
 
 

@@ -95,3 +95,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tree):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert pd.read_csv(epochs_path(first.out))["epoch"].tolist() == [1, 2]
     assert pd.read_csv(history_path(first.out))["std"].tolist() == pd.read_csv(history_path(whole.out))["std"].tolist()
+
+
+def test_resume_refuses_another_recipe(tmp_path, tree):
+    train(config(tmp_path, tree, recipe=replace(TINY, epochs=1)))
+    with pytest.raises(LayerProbeError, match=r"another recipe \(epochs differ: epochs=1\)"):
+        train(config(tmp_path, tree, recipe=replace(TINY, epochs=3)), resume=True)
