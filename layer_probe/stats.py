@@ -25,15 +25,25 @@ class Moments:
     m2: Tensor
 
     @classmethod
-    def of(cls, x: Tensor, dims: tuple[int, ...] = (0, 2, 3)) -> Moments:
-        """Moments of `x` reduced over `dims` ([N, C, H, W] -> [C] by default), no host sync."""
+    def of(cls, x: Tensor) -> Moments:
+        """Per-channel moments of `x` [N, C, ...] (every axis but 1 reduced) -> [C], no host sync.
+
+        One shifted pass of plain sums, which a CPU runs several times faster than
+        `torch.var_mean`: subtracting one image's channel means first keeps the sums well
+        conditioned; each image's share is summed in float32 and the images are added in
+        float64, so the error stays near float32's rounding of one image's sum.
+        """
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):  # autocast outputs: reduce in float32
             x = x.float()
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        n = x.numel() // mean.numel()
-        mean = mean.double()
-        return cls(torch.full_like(mean, n), mean, var.double() * n)
+        v = x.reshape(x.shape[0], x.shape[1], -1)  # [N, C, H*W]; a view for contiguous [N, C, H, W]
+        shift = v[0].mean(-1, keepdim=True)  # [C, 1]
+        d = v - shift
+        n = v.shape[0] * v.shape[2]
+        total = d.sum(-1).double().sum(0)
+        squares = torch.linalg.vector_norm(d, dim=-1).double().square().sum(0)
+        mean = shift.squeeze(1).double() + total / n
+        return cls(torch.full_like(mean, n), mean, squares - total.square() / n)
 
     @classmethod
     def stack(cls, parts: list[Moments]) -> Moments:

@@ -58,7 +58,7 @@ def _merge_worker(rank: int, store: str, out: str) -> None:
         processes = Processes(rank, 2)
         data = torch.randn(19, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
         mine = slice(0, 7) if rank == 0 else slice(7, 19)
-        moments = processes.merge_moments(Moments.of(data[mine], dims=(0,)))
+        moments = processes.merge_moments(Moments.of(data[mine]))
         gathered = processes.gather(data[mine].T)
         model = trained_like("resnet8")
         images, labels = _images(23)

@@ -28,3 +28,21 @@ def test_low_precision_inputs_are_reduced_in_float32():
     m = Moments.of(x.bfloat16())
     ref = x.bfloat16().double().transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(m.std(), ref.std(1), rtol=1e-6, atol=0)
+
+
+def test_ill_conditioned_channels_keep_their_precision():
+    # A channel whose mean is 400 times its std (a "dead" BN channel with a large beta and tiny gamma).
+    torch.manual_seed(2)
+    x = torch.randn(64, 4, 6, 6) * torch.tensor([1.0, 0.01, 3.0, 0.5]).view(1, 4, 1, 1) + \
+        torch.tensor([0.0, 4.0, -7.0, 100.0]).view(1, 4, 1, 1)
+    m = Moments.of(x)
+    ref = x.double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(m.std(), ref.std(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(m.mean, ref.mean(1), rtol=1e-6, atol=1e-6)  # channel 0 has mean ~0
+
+
+def test_two_dimensional_input():
+    x = torch.randn(10, 3) + 2
+    m = Moments.of(x)
+    torch.testing.assert_close(m.std(), x.double().std(0), rtol=1e-6, atol=0)
+    assert m.count.tolist() == [10.0, 10.0, 10.0]
