@@ -170,7 +170,8 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
     if epoch == 0 and processes.main:
         history_csv = _csv(HISTORY_FIELDS, _history_rows(0, _probe(model, probe_x, probe_y)))
         epochs_csv = _csv(EPOCH_FIELDS, [])
-    for epoch in range(epoch + 1, rc.epochs + 1):
+    done = epoch  # epochs finished before this call
+    for epoch in range(done + 1, rc.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(len(y_train), generator=generator).to(device)
