@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .data import batches, subset
 from .files import write_text
+from .models import depth_of, is_plain
 from .probe import Recording, run_probe, top1
 from .results import ProbeConfig, Responses, summarize
 from .sites import Layout, find_sites
@@ -286,12 +287,11 @@ class ClaimTest:
 
 
 def _depth(r: Responses) -> int:
-    digits = "".join(c for c in r.meta.get("arch", "") if c.isdigit())
-    return int(digits) if digits else 0
+    return depth_of(r.meta.get("arch", ""))
 
 
 def _is_plain(r: Responses) -> bool:
-    return r.meta.get("arch", "").startswith("plain")
+    return is_plain(r.meta.get("arch", ""))
 
 
 def resnet_vs_plain(resnet: Responses, plain: Responses, alpha: float = 0.05) -> ClaimTest:

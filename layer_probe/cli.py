@@ -16,6 +16,14 @@ import torch
 from .errors import LayerProbeError
 
 
+FIG7 = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
+
+
+def _shipped() -> list[str]:
+    """The default set: the five networks of Fig. 7 shipped in checkpoints/."""
+    return [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,15 +268,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-FIG7 = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis import compare, format_comparison
     from .plots import plot_responses, save_figure
     from .results import measure_responses
 
-    checkpoints = args.checkpoints or [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+    checkpoints = args.checkpoints or _shipped()
     for option in ("arch", "labels"):
         given = getattr(args, option)
         if given and len(given) != len(checkpoints):
@@ -296,7 +301,7 @@ def cmd_dynamics(args: argparse.Namespace) -> int:
     from .files import write_text
     from .plots import plot_dynamics, save_figure
 
-    runs = args.runs or [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+    runs = args.runs or _shipped()
     if args.labels and len(args.labels) != len(runs):
         raise LayerProbeError(f"--labels needs one value per run ({len(runs)}), got {len(args.labels)}")
     _prepare_outputs(args)
@@ -318,7 +323,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.download:
         from .data import load_cifar10
         load_cifar10(args.data, "test", download=True)
-    checkpoints = args.checkpoints or [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+    checkpoints = args.checkpoints or _shipped()
     print(f"wrote {build_report(checkpoints, args.out, data=args.data, limit=args.limit, device=_device(args.device))}")
     return 0
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .checkpoint import torch_load
 from .errors import LayerProbeError
+from .models import depth_of, is_plain
 from .train import epochs_path, history_path
 
 HISTORY_COLUMNS = ["epoch", "index", "name", "role", "std", "ratio"]
@@ -32,12 +33,11 @@ class History:
 
     @property
     def plain(self) -> bool:
-        return self.label.startswith("plain")
+        return is_plain(self.label)
 
     @property
     def depth(self) -> int:
-        digits = re.findall(r"\d+", self.label)
-        return int(digits[0]) if digits else 0
+        return depth_of(self.label)
 
     def std_matrix(self) -> pd.DataFrame:
         """std as a table: rows are sites (layer index), columns are epochs."""

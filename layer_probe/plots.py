@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .analysis import Analysis  # noqa: E402
 from .dynamics import History  # noqa: E402
 from .errors import LayerProbeError  # noqa: E402
+from .models import depth_of, is_plain  # noqa: E402
 from .files import atomic_path  # noqa: E402
 from .results import Responses  # noqa: E402
 
@@ -44,8 +45,7 @@ def _style(style: Style) -> dict:
 
 
 def _depth(r: Responses) -> int:
-    digits = "".join(c for c in r.meta.get("arch", "") if c.isdigit())
-    return int(digits) if digits else 0
+    return depth_of(r.meta.get("arch", ""))
 
 
 def _colors(responses: Sequence[Responses]) -> dict[int, tuple]:
@@ -64,7 +64,7 @@ def plot_responses(responses: Sequence[Responses], *, style: Style = "report") -
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(SINGLE_COLUMN * 1.6, SINGLE_COLUMN * 1.7), layout="constrained")
         colors = _colors(responses)
         for r in responses:
-            plain = r.meta.get("arch", "").startswith("plain")
+            plain = is_plain(r.meta.get("arch", ""))
             kw = {"color": colors[_depth(r)], "linestyle": "--" if plain else "-", "linewidth": 1.0, "label": r.label}
             top.plot([s.index for s in r.sites], r.std(), **kw)
             bottom.plot(range(1, len(r) + 1), [s.std for s in r.sorted()], **kw)
@@ -158,7 +158,7 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], *, style: Style = "repor
                                  layout="constrained")
         for ax, kind in zip(axes, ("plain", "resnet")):
             names = [n for n in logs if n.startswith(kind)]
-            for i, name in enumerate(sorted(names, key=lambda n: int("".join(filter(str.isdigit, n)) or 0))):
+            for i, name in enumerate(sorted(names, key=depth_of)):
                 log = logs[name]
                 ax.plot(log.epoch, log.train_error, "--", color=f"C{i}", lw=1)
                 ax.plot(log.epoch, log.test_error, "-", color=f"C{i}", lw=1.2, label=name)

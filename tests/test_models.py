@@ -62,3 +62,10 @@ def test_bad_names_and_depths():
         build_model("resnet21")
     with pytest.raises(LayerProbeError, match="shortcut"):
         build_model("resnet20", shortcut="C")
+
+
+def test_depth_and_family_from_names():
+    from layer_probe.models import depth_of, is_plain
+
+    assert [depth_of(n) for n in ("resnet110", "plain20", "wide_resnet50_2", "model")] == [110, 20, 50, 0]
+    assert is_plain("plain56") and not is_plain("resnet56")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from functools import partial
 from typing import Any, Callable
 
@@ -45,6 +46,17 @@ def is_cifar(arch: str) -> bool:
     return arch in CIFAR_ARCHS
 
 
+def depth_of(name: str) -> int:
+    """The depth in an architecture name or label ("resnet110" -> 110; 0 when it has none)."""
+    digits = re.search(r"\d+", name)
+    return int(digits.group()) if digits else 0
+
+
+def is_plain(name: str) -> bool:
+    """Whether an architecture name or label is one of the plain (shortcut-free) networks."""
+    return name.startswith("plain")
+
+
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """Build a registered architecture with fresh (He-initialised) weights."""
     if arch not in MODELS:
@@ -57,4 +69,4 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = ["BasicBlock", "CifarNet", "ShortcutA", "MODELS", "CIFAR_ARCHS", "CIFAR_DEPTHS", "build_model",
-           "cifar_net", "is_cifar", "list_models"]
+           "cifar_net", "depth_of", "is_cifar", "is_plain", "list_models"]
