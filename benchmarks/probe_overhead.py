@@ -3,7 +3,8 @@
 For each model, in one process and on the same batches, the passes are timed in turn:
 `bare` (forward + top-1, nothing attached), `probe` (every 3x3 site of Fig. 7, streaming moments;
 `layer_probe.probe.run_probe` then `results.summarize`), `probe+ratios` (also ||F(x)||/||x||
-per image and block), `probe bf16` (the same under `--amp bf16`) and `naive` (every 3x3 site's
+per image and block), `probe bf16` (the same under `--amp bf16`), `compiled` and `compiled+ratios`
+(the statistics fused by torch.compile, `--compile`) and `naive` (every 3x3 site's
 output cloned and kept, `torch.std` at the end: the usual alternative). The ratio to `bare` is
 taken per repeat and its median reported, which is less sensitive to other work on the machine.
 
@@ -15,7 +16,7 @@ also projected to 10,000 images (every 3x3 output kept in float32) and compared 
 this machine has.
 
 Models are freshly initialised, the images random uint8 normalised like the real ones: speed
-and memory do not depend on the weights. The bf16 row reports how much each site's std moves.
+and memory do not depend on the weights. The bf16 and compiled passes report how much each site's std moves.
 
     python benchmarks/probe_overhead.py                          # the full run (see benchmarks/README.md)
     python benchmarks/probe_overhead.py --models resnet20 --batches 1 --repeats 3   # a quick look
@@ -44,7 +45,7 @@ from layer_probe.results import summarize
 from layer_probe.sites import Layout, find_sites
 
 Batches = list[tuple[Tensor, Tensor]]
-MODES = ("bare", "probe", "probe+ratios", "probe bf16", "naive")
+MODES = ("bare", "probe", "probe+ratios", "probe bf16", "compiled", "compiled+ratios", "naive")
 
 
 def make_batches(arch: str, n_batches: int, batch_size: int, size: int, device: str, seed: int = 0) -> Batches:
@@ -65,9 +66,11 @@ def bare(model: nn.Module, layout: Layout, batches: Batches) -> int:
     return int(correct)
 
 
-def probed(ratios: bool = False, amp: str | None = None) -> Callable[[nn.Module, Layout, Batches], list[float]]:
+def probed(ratios: bool = False, amp: str | None = None, compiled: bool = False
+           ) -> Callable[[nn.Module, Layout, Batches], list[float]]:
     def run(model: nn.Module, layout: Layout, batches: Batches) -> list[float]:
-        return summarize(run_probe(model, layout, batches, ratios=ratios, amp=amp, progress=False)).std()
+        return summarize(run_probe(model, layout, batches, ratios=ratios, amp=amp, progress=False,
+                                   compiled=compiled)).std()
     return run
 
 
@@ -88,7 +91,7 @@ def naive(model: nn.Module, layout: Layout, batches: Batches) -> list[float]:
 
 
 PASSES = {"bare": bare, "probe": probed(), "probe+ratios": probed(ratios=True), "probe bf16": probed(amp="bf16"),
-          "naive": naive}
+          "compiled": probed(compiled=True), "compiled+ratios": probed(ratios=True, compiled=True), "naive": naive}
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -187,24 +190,27 @@ def benchmark(args: argparse.Namespace, arch: str) -> None:
     images = batch * len(batches)
     print(f"\n## {arch}: {len(layout.sites)} 3x3 sites, {len(batches)} batch(es) of {batch} at {size}x{size}, "
           f"{args.repeats} repeats")
-    for mode in MODES:  # warm-up: first-call costs (allocator, oneDNN kernels) are not the probe's
+    modes = args.modes
+    for mode in modes:  # warm-up: first-call costs (allocator, oneDNN kernels, compiling) are not the probe's
         PASSES[mode](model, layout, batches[:1])
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.repeats):
-        for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:  # rotate the order between repeats
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:  # rotate the order between repeats
             times[mode].append(timed(lambda: PASSES[mode](model, layout, batches), args.device))
-    fp32, bf16 = probed()(model, layout, batches), probed(amp="bf16")(model, layout, batches)
-    change = [abs(b / a - 1) for a, b in zip(fp32, bf16)]
-    print(f"{'mode':<14} {'s/pass':>8} {'img/s':>8} {'÷ bare':>7}  peak memory growth, MiB ({len(batches)} / "
+    print(f"{'mode':<16} {'s/pass':>8} {'img/s':>8} {'÷ bare':>7}  peak memory growth, MiB ({len(batches)} / "
           f"{2 * len(batches)} batches)")
-    for mode in MODES:
+    for mode in modes:
         ratio = statistics.median(t / b for t, b in zip(times[mode], times["bare"]))
         median = statistics.median(times[mode])
         growth = " / ".join(f"{memory_growth(args, arch, mode, k):.0f}" for k in (len(batches), 2 * len(batches)))
-        print(f"{mode:<14} {median:>8.3f} {images / median:>8.0f} {ratio:>7.3f}  {growth}")
+        print(f"{mode:<16} {median:>8.3f} {images / median:>8.0f} {ratio:>7.3f}  {growth}")
+    fp32 = probed()(model, layout, batches)
+    for mode in ("probe bf16", "compiled"):
+        if mode in modes:
+            change = [abs(b / a - 1) for a, b in zip(fp32, PASSES[mode](model, layout, batches))]
+            print(f"{mode} vs probe, std per site: median change {100 * statistics.median(change):.2g}%, "
+                  f"largest {100 * max(change):.2g}%")
     per_image = site_bytes_per_image(model, layout, size, args.device)
-    print(f"bf16 vs fp32 std per site: median change {100 * statistics.median(change):.3f}%, "
-          f"largest {100 * max(change):.3f}%")
     print(f"naive keeps {per_image / 2**20:.2f} MiB per image: {per_image * 10_000 / 2**30:.1f} GiB for 10,000 images; "
           f"this machine has {available_bytes() / 2**30:.1f} GiB available, enough for about "
           f"{available_bytes() // per_image:,} images")
@@ -231,8 +237,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="batches per pass")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="passes to time (bare always)")
     parser.add_argument("--memory", choices=MODES, help=argparse.SUPPRESS)  # child process: one memory measurement
     args = parser.parse_args()
+    args.modes = ["bare", *(m for m in args.modes if m != "bare")]
     if args.memory:
         measure_memory(args)
         return

@@ -198,7 +198,7 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     pc = config.probe
     layout = layout or find_sites(model).select(pc.sites)
     result = run_probe(model, layout, batches(images, labels, pc.batch_size, mean, std), bn_mode=pc.bn_mode,
-                       ratios=True, total=len(labels), amp=pc.amp, progress=progress)
+                       ratios=True, total=len(labels), amp=pc.amp, progress=progress, compiled=pc.compiled)
     responses = summarize(result, axes=pc.axes, meta=(meta or {}) | {"sites_rule": pc.sites, "bn_mode": pc.bn_mode})
     rec: Recording = result.recording
     n_batches = len(next(iter(rec.batches.values())))

@@ -10,6 +10,7 @@ moved to the host while batches run.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,10 +20,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import batches
+from .errors import LayerProbeError
 from .sites import Block, Layout
+from . import stats
 from .stats import Moments
 
 BNMode = Literal["eval", "train"]
+
+
+def pair_norms(f: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image ||f||, ||x|| and cos(f, x) of f, x [N, ...], float64 [N] each."""
+    f, x = f.float(), x.float()
+    dims = tuple(range(1, f.ndim))  # reduced in place: flattening a channels_last tensor would copy it
+    fn, xn = torch.linalg.vector_norm(f, dim=dims), torch.linalg.vector_norm(x, dim=dims)
+    return fn.double(), xn.double(), ((f * x).sum(dims) / (fn * xn)).double()
 
 
 @dataclass
@@ -36,14 +47,12 @@ class BlockNorms:
     x_norm: list[Tensor] = field(default_factory=list)
     cosine: list[Tensor] = field(default_factory=list)
 
-    def add(self, f: Tensor, x: Tensor) -> None:
+    def add(self, f: Tensor, x: Tensor, *, compiled: bool = False) -> None:
         """Record one batch: f and x are [N, ...] of the same shape."""
-        f, x = f.detach().float(), x.detach().float()
-        dims = tuple(range(1, f.ndim))
-        fn, xn = torch.linalg.vector_norm(f, dim=dims), torch.linalg.vector_norm(x, dim=dims)
-        self.f_norm.append(fn.double())
-        self.x_norm.append(xn.double())
-        self.cosine.append(((f * x).sum(dims) / (fn * xn)).double())
+        fn, xn, cosine = (stats.fused(pair_norms) if compiled else pair_norms)(f.detach(), x.detach())
+        self.f_norm.append(fn)
+        self.x_norm.append(xn)
+        self.cosine.append(cosine)
 
     def ratio(self) -> Tensor:
         """||F(x)|| / ||x|| per image, [N] float64."""
@@ -97,7 +106,9 @@ class Probe:
     """Context manager that records the responses of `layout`'s sites while the model runs.
 
     Non-finite values are flagged per batch at no cost; `count_nonfinite=True` counts them
-    exactly, at the price of one more pass over each activation.
+    exactly, at the price of one more pass over each activation. `compiled=True` fuses each
+    reduction into one pass with `torch.compile` (`stats.fused`); it is compiled on entry, so
+    a missing compiler is reported before any batch runs.
 
     Example:
         >>> layout = find_sites(model).select("3x3")
@@ -108,9 +119,9 @@ class Probe:
     """
 
     def __init__(self, model: nn.Module, layout: Layout, *, bn_mode: BNMode = "eval", ratios: bool = False,
-                 count_nonfinite: bool = False):
+                 count_nonfinite: bool = False, compiled: bool = False):
         self.model, self.layout, self.bn_mode, self.ratios = model, layout, bn_mode, ratios
-        self.count_nonfinite = count_nonfinite
+        self.count_nonfinite, self.compiled = count_nonfinite, compiled
         self.recording = Recording(layout, {s.name: [] for s in layout.sites}, {s.name: [] for s in layout.sites},
                                    {b.name: BlockNorms() for b in layout.blocks} if ratios else {})
         self._hooks = Hooks()
@@ -121,6 +132,8 @@ class Probe:
         self._modes = {m: m.training for m in self.model.modules()}
         try:
             self._set_mode()
+            if self.compiled:
+                self._compile()
             modules = dict(self.model.named_modules())
             for site in self.layout.sites:
                 self._hooks.add(modules[site.name], self._site_hook(site.name))
@@ -142,6 +155,25 @@ class Probe:
                     self._bn_buffers.update({f"{name}.{k}": v.clone() for k, v in m.named_buffers()})
                     m.train()
 
+    def _compile(self) -> None:
+        """Compile the fused reductions for both memory layouts now, with one clear error if that fails."""
+        device = next(self.model.parameters()).device
+        quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on every CPU compile
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            for x in (torch.ones(2, 3, 4, 5, device=device), torch.ones(2, 3, 4, 5, device=device).contiguous(
+                      memory_format=torch.channels_last)):
+                Moments.of(x, compiled=True)
+                if self.ratios:
+                    stats.fused(pair_norms)(x, x)
+        except Exception as e:  # torch.compile raises many kinds: no compiler, no Triton, ...
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LayerProbeError(f"--compile: torch.compile failed on {device.type} ({reason}); "
+                                  f"run without --compile") from None
+        finally:
+            quiet.setLevel(level)
+
     def _restore(self) -> None:
         self._hooks.remove()
         for m, training in self._modes.items():
@@ -157,7 +189,7 @@ class Probe:
         batches, nonfinite = self.recording.batches[name], self.recording.nonfinite[name]
 
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            m = Moments.of(out)
+            m = Moments.of(out, compiled=self.compiled)
             batches.append(m)
             if self.count_nonfinite:  # an extra pass over the activations
                 nonfinite.append(out.numel() - torch.isfinite(out).sum())
@@ -180,9 +212,9 @@ class Probe:
             if other is None:
                 pending[key] = value
             elif key == "f":
-                norms.add(value, other)
+                norms.add(value, other, compiled=self.compiled)
             else:
-                norms.add(other, value)
+                norms.add(other, value, compiled=self.compiled)
 
         def block_input(module: nn.Module, args: tuple) -> None:
             arrive("x", args[0])
@@ -191,7 +223,7 @@ class Probe:
             def block_output(module: nn.Module, args: tuple, out: Tensor) -> None:
                 x = pending.pop("x")
                 if x.shape == out.shape:
-                    norms.add(out - x, x)
+                    norms.add(out - x, x, compiled=self.compiled)
 
             self._hooks.add(modules[block.name], block_input, pre=True)
             self._hooks.add(modules[block.name], block_output)
@@ -225,15 +257,18 @@ class PassResult:
 
 def run_probe(model: nn.Module, layout: Layout, batches: Iterable[tuple[Tensor, Tensor]], *,
               bn_mode: BNMode = "eval", ratios: bool = False, total: int | None = None,
-              amp: Literal["bf16"] | None = None, progress: bool = True, count_nonfinite: bool = False) -> PassResult:
+              amp: Literal["bf16"] | None = None, progress: bool = True, count_nonfinite: bool = False,
+              compiled: bool = False) -> PassResult:
     """One pass over `batches` ([N, 3, H, W] images, [N] labels) with the probe attached.
 
     Returns the recording and the top-1 accuracy measured in the same pass. `amp="bf16"`
     runs the forward under bf16 autocast; the statistics are still accumulated in float64.
+    `compiled=True` fuses the statistics with `torch.compile` (see `Probe`).
     """
     device = next(model.parameters()).device
     correct, images = torch.zeros((), dtype=torch.long, device=device), 0
-    with Probe(model, layout, bn_mode=bn_mode, ratios=ratios, count_nonfinite=count_nonfinite) as probe, torch.inference_mode():
+    with Probe(model, layout, bn_mode=bn_mode, ratios=ratios, count_nonfinite=count_nonfinite,
+               compiled=compiled) as probe, torch.inference_mode():
         bar = tqdm(total=total, unit="img", desc="probe", disable=not progress or None, leave=False)
         with bar:
             for x, y in batches:

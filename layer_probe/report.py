@@ -7,6 +7,7 @@ check, and `report.md` that ties them together.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -84,6 +85,51 @@ def build_report(checkpoints: Sequence[str | Path], out: str | Path, *, data: st
     report = out / "report.md"
     write_text(report, "\n".join(lines))
     return report
+
+
+def checkpoint_table(checkpoints: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per trained checkpoint, from its metadata and bytes: what `checkpoints/README.md` lists."""
+    rows = []
+    for path in checkpoints:
+        ckpt = load_checkpoint(path)
+        meta, recipe = ckpt.meta, ckpt.meta.get("recipe", {})
+        if "top1" not in meta:
+            raise LayerProbeError(f"{path}: not trained by `layer-probe train` (no training summary in its metadata)")
+        rows.append({"model": ckpt.arch, "recipe": recipe.get("name"), "epochs": meta["epochs"], "seed": meta["seed"],
+                     "wall_h": round(meta["wall_s"] / 3600, 2), "device": meta["device"],
+                     "train_error": meta["train_error"], "top1": meta["top1"],
+                     "dataset_sha256": meta["dataset_sha256"][:12],
+                     "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()})
+    return pd.DataFrame(rows)
+
+
+def write_checkpoint_card(checkpoints: Sequence[str | Path], folder: str | Path) -> Path:
+    """Write `folder/README.md` (the table, the degradation check) and `folder/training_curves.png`."""
+    folder = Path(folder)
+    table = checkpoint_table(checkpoints)
+    logs = {c: read_epochs(path) for c, path in zip(table.model, checkpoints)}
+    save_figure(plot_training_curves(logs), folder / "training_curves.png")
+    final = dict(zip(table.model, table.train_error))
+    lines = ["# Shipped checkpoints", "",
+             "Trained by this project's own code, `make checkpoints` (`layer-probe train --arch MODEL --recipe fast "
+             "--resume` for each), on the 50,000 training images; top-1 is measured in fp32 on the 10,000 test "
+             "images at the end of the last epoch. " + JPEG_NOTE, "",
+             "wall_h is the training time in hours on `device` (2 CPU cores; other work shared the machine at "
+             "times); train_error is the last epoch's, in percent, with augmentation and label smoothing on; "
+             "dataset_sha256 begins the checksum of the training data read; sha256 is the file's.", "",
+             _markdown(table), "", "![training curves](training_curves.png)", "",
+             "Training error (dashed) and test error (solid) per epoch, in the style of the paper's Fig. 6. "
+             "Each model's log is `MODEL.epochs.csv`; the responses recorded after every epoch are in "
+             "`MODEL.history.csv` (`layer-probe dynamics checkpoints/MODEL.pt`).", ""]
+    for deep, shallow in (("plain56", "plain20"), ("resnet56", "resnet20")):
+        if deep in final and shallow in final:
+            worse = final[deep] > final[shallow]
+            lines.append(f"- {deep}'s final training error, {final[deep]:.2f}%, is {'above' if worse else 'below'} "
+                         f"{shallow}'s, {final[shallow]:.2f}%" + (" (the degradation problem)." if worse and
+                                                                  deep.startswith("plain") else "."))
+    readme = folder / "README.md"
+    write_text(readme, "\n".join(lines).rstrip() + "\n")
+    return readme
 
 
 def _optional(reader, *args):  # noqa: ANN001, ANN202 - read_history or read_epochs and their result

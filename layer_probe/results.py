@@ -172,6 +172,7 @@ class ProbeConfig:
     batch_size: int = 256  # images per forward pass
     ratios: bool = True  # also record ||F(x)||/||x|| and cos(F(x), x) per block
     amp: Literal["bf16"] | None = None  # autocast the forward; statistics stay float64
+    compiled: bool = False  # fuse the statistics with torch.compile (same numbers, less overhead)
 
 
 def measure_responses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
@@ -199,7 +200,8 @@ def measure_batches(model: torch.nn.Module, make_batches: Callable[[], Iterable[
     layout = layout or find_sites(model).select(config.sites)
     for count_nonfinite in (False, True):
         result = run_probe(model, layout, make_batches(), bn_mode=config.bn_mode, ratios=config.ratios, total=total,
-                           amp=config.amp, progress=progress, count_nonfinite=count_nonfinite)
+                           amp=config.amp, progress=progress, count_nonfinite=count_nonfinite,
+                           compiled=config.compiled)
         if merge is not None:  # every process gets the same merged pass, so all take the same branch here
             result = merge(result)
         if not result.any_nonfinite:

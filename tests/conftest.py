@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -18,6 +19,8 @@ AKAMASTER20 = SHARED / "checkpoints" / "akamaster" / "resnet20-12fca82f.th"
 JPEG_TAR = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
 needs_shared = pytest.mark.skipif(not (AKAMASTER20.exists() and JPEG_TAR.exists()),
                                   reason="../shared checkpoints and data are not present")
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                    reason="torch.compile needs a C++ compiler on a CPU")
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FOLDER_IMAGES
+from conftest import FOLDER_IMAGES, needs_compiler
 from layer_probe.checkpoint import save_checkpoint
 from layer_probe.cli import main
 from layer_probe.data import IMAGENET_MEAN, IMAGENET_STD
@@ -40,6 +40,15 @@ def test_responses_json_out_and_plot(ckpt, tree, capsys, tmp_path):
     assert set(payload["sites"][0]) >= {"index", "name", "role", "channels", "std", "mean", "rank"}
     assert json.loads((tmp_path / "out" / "responses.json").read_text())["sites"] == payload["sites"]
     assert (tmp_path / "out" / "responses.csv").exists() and (tmp_path / "fig7.svg").exists()
+
+
+@needs_compiler
+def test_compiled_statistics_give_the_same_table(ckpt, tree, capsys):
+    _, eager, _ = run(capsys, "responses", ckpt, "--data", tree, "--format", "json")
+    code, fused, err = run(capsys, "responses", ckpt, "--data", tree, "--format", "json", "--compile")
+    assert code == 0 and "compiling the fused statistics" in err
+    pairs = [(a["std"], b["std"]) for a, b in zip(json.loads(eager)["sites"], json.loads(fused)["sites"], strict=True)]
+    assert all(abs(a - b) <= 1e-6 * a for a, b in pairs)
 
 
 def test_csv_format(ckpt, tree, capsys):

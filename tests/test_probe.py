@@ -1,7 +1,10 @@
 import pytest
 import torch
+from conftest import needs_compiler
 from torch import nn
 
+from layer_probe import stats
+from layer_probe.errors import LayerProbeError
 from layer_probe.models import build_model
 from layer_probe.probe import Probe, run_probe
 from layer_probe.sites import find_sites
@@ -43,12 +46,13 @@ def no_hooks(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("arch", ["resnet8", "plain8"])
-def test_streaming_std_equals_torch_std_over_stored_activations(arch):
+def test_streaming_std_equals_torch_std_over_stored_activations(arch, compiled):
     model, data = trained_like(arch), batches()
     layout = find_sites(model)
     stored, _ = stored_activations(model, [s.name for s in layout.sites], data)
-    rec = run_probe(model, layout, data, progress=False).recording
+    rec = run_probe(model, layout, data, progress=False, compiled=compiled).recording
     for s in layout.sites:
         a = stored[s.name]
         per_channel = a.transpose(0, 1).reshape(a.shape[1], -1)
@@ -73,6 +77,18 @@ def test_top1_from_the_same_pass():
         expected = sum(int((model(x).argmax(1) == y).sum()) for x, y in data)
     result = run_probe(model, find_sites(model), data, progress=False)
     assert result.correct == expected and result.images == 15
+
+
+def test_a_failed_compile_is_one_line_and_leaves_no_hook(monkeypatch):
+    def broken(fn):
+        raise RuntimeError("InductorError: no working C++ compiler found\n  long traceback text")
+
+    model, data = trained_like("resnet8"), batches(1)
+    monkeypatch.setattr(stats, "fused", broken)
+    with pytest.raises(LayerProbeError, match=r"^--compile: torch.compile failed on cpu \(InductorError: no working C\+\+ "
+                       r"compiler found\); run without --compile$"):
+        run_probe(model, find_sites(model), data, progress=False, compiled=True)
+    assert no_hooks(model) and not model.training
 
 
 def test_hooks_removed_and_mode_restored_after_an_exception():
@@ -130,8 +146,9 @@ def test_in_place_addition_and_relu_do_not_change_the_statistics():
     torch.testing.assert_close(result.blocks["0"].ratio(), f.norm(dim=1) / x.norm(dim=1), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("shortcut", ["A", "B"])
-def test_block_ratio_and_cosine_against_an_independent_computation(shortcut):
+def test_block_ratio_and_cosine_against_an_independent_computation(shortcut, compiled):
     model, data = trained_like("resnet8"), batches()
     if shortcut == "B":
         model = build_model("resnet8", shortcut="B").eval()
@@ -145,7 +162,7 @@ def test_block_ratio_and_cosine_against_an_independent_computation(shortcut):
     for h in hooks:
         h.remove()
     f, x = (torch.cat(store[k]).flatten(1).double() for k in ("f", "x"))
-    rec = run_probe(model, find_sites(model), data, ratios=True, progress=False).recording
+    rec = run_probe(model, find_sites(model), data, ratios=True, progress=False, compiled=compiled).recording
     torch.testing.assert_close(rec.blocks["layer2.0"].ratio(), f.norm(dim=1) / x.norm(dim=1), rtol=1e-5, atol=0)
     cos = (f * x).sum(1) / (f.norm(dim=1) * x.norm(dim=1))
     torch.testing.assert_close(torch.cat(rec.blocks["layer2.0"].cosine), cos, rtol=1e-4, atol=1e-5)

@@ -1,19 +1,52 @@
+import hashlib
 from dataclasses import replace
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from layer_probe.checkpoint import save_checkpoint
 from layer_probe.cli import main
+from layer_probe.models import build_model
 from layer_probe.train import RECIPES, TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
 
-def test_report_writes_every_figure_and_table(tmp_path, tree, capsys):
+def trained(tmp_path, tree, epochs=1):
     paths = []
     for arch in ("resnet8", "plain8"):
-        cfg = TrainConfig(arch=arch, out=tmp_path / "ckpt" / f"{arch}.pt", recipe=replace(RECIPES["fast"], epochs=1,
-                          batch_size=20), data=str(tree), run_dir=tmp_path / arch, probe_images=20, progress=False)
+        cfg = TrainConfig(arch=arch, out=tmp_path / "ckpt" / f"{arch}.pt", recipe=replace(
+            RECIPES["fast"], epochs=epochs, batch_size=20), data=str(tree), run_dir=tmp_path / arch, probe_images=20,
+            progress=False)
         paths.append(str(train(cfg)))
+    return paths
+
+
+def test_checkpoint_card_lists_each_file_with_its_checksum_and_log(tmp_path, tree, capsys):
+    paths = trained(tmp_path, tree, epochs=2)
+    card = tmp_path / "ckpt"
+    assert main(["checkpoints", *paths, "--write", str(card)]) == 0
+    printed = capsys.readouterr().out
+    readme = (card / "README.md").read_text()
+    assert (card / "training_curves.png").stat().st_size > 10_000 and "![training curves](training_curves.png)" in readme
+    for path, arch in zip(paths, ("resnet8", "plain8")):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {arch} |"))
+        log = pd.read_csv(path.replace(".pt", ".epochs.csv"))
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        assert digest in row and digest in printed and "| fast | 2 |" in row
+        assert f"| {log.train_error.iloc[-1]:.4g} | {100 - log.test_error.iloc[-1]:.4g} |" in row
+
+
+def test_checkpoints_without_a_training_summary_are_refused(tmp_path, capsys):
+    path = tmp_path / "bare.pt"
+    save_checkpoint(path, build_model("resnet8"), "resnet8")
+    assert main(["checkpoints", str(path)]) == 2
+    assert "not trained by `layer-probe train`" in capsys.readouterr().err
+
+
+def test_report_writes_every_figure_and_table(tmp_path, tree, capsys):
+    paths = trained(tmp_path, tree)
     out = tmp_path / "report"
     assert main(["report", *paths, "--out", str(out), "--data", str(tree), "--limit", "40", "--device", "cpu"]) == 0
     names = {p.name for p in out.iterdir()}

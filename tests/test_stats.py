@@ -1,4 +1,6 @@
+import pytest
 import torch
+from conftest import needs_compiler
 
 from layer_probe.stats import Moments
 
@@ -30,12 +32,14 @@ def test_low_precision_inputs_are_reduced_in_float32():
     torch.testing.assert_close(m.std(), ref.std(1), rtol=1e-6, atol=0)
 
 
-def test_ill_conditioned_channels_keep_their_precision():
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)], ids=["eager", "compiled"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_ill_conditioned_channels_keep_their_precision(compiled, layout):
     # A channel whose mean is 400 times its std (a "dead" BN channel with a large beta and tiny gamma).
     torch.manual_seed(2)
     x = torch.randn(64, 4, 6, 6) * torch.tensor([1.0, 0.01, 3.0, 0.5]).view(1, 4, 1, 1) + \
         torch.tensor([0.0, 4.0, -7.0, 100.0]).view(1, 4, 1, 1)
-    m = Moments.of(x)
+    m = Moments.of(x.contiguous(memory_format=layout), compiled=compiled)
     ref = x.double().transpose(0, 1).reshape(4, -1)
     torch.testing.assert_close(m.std(), ref.std(1), rtol=1e-6, atol=0)
     torch.testing.assert_close(m.mean, ref.mean(1), rtol=1e-6, atol=1e-6)  # channel 0 has mean ~0
