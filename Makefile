@@ -27,3 +27,4 @@ test: env
 # The five networks of Fig. 7, one after another; rerunning continues where a run stopped.
 checkpoints: env
 	for arch in $(ARCHS); do $(BIN)/layer-probe train --arch $$arch --recipe fast --resume || exit 1; done
+	$(BIN)/layer-probe checkpoints --write checkpoints
