@@ -164,6 +164,10 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
         generator.set_state(state["generator"])
         epoch, wall, epochs_csv, history_csv = state["epoch"], state["wall_s"], state["epochs_csv"], state["history_csv"]
         summary = state["summary"]
+        if epoch >= rc.epochs and config.out.exists():  # finished before: keep the file as it is, bytes included
+            if processes.main:
+                print(f"{config.arch}: already trained ({epoch} epochs), {config.out} kept", flush=True)
+            return config.out
     model = model.to(memory_format=torch.channels_last)
     net = processes.wrap(model)
     meta = _meta(config, train_set) | {"processes": processes.size}
