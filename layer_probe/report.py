@@ -95,7 +95,7 @@ def checkpoint_table(checkpoints: Sequence[str | Path]) -> pd.DataFrame:
         meta, recipe = ckpt.meta, ckpt.meta.get("recipe", {})
         if "top1" not in meta:
             raise LayerProbeError(f"{path}: not trained by `layer-probe train` (no training summary in its metadata)")
-        rows.append({"model": ckpt.arch, "recipe": recipe.get("name"), "epochs": meta["epochs"], "seed": meta["seed"],
+        rows.append({"model": ckpt.arch, "dataset": Path(meta["dataset"]).name, "recipe": recipe.get("name"), "epochs": meta["epochs"], "seed": meta["seed"],
                      "wall_h": round(meta["wall_s"] / 3600, 2), "device": meta["device"],
                      "train_error": meta["train_error"], "top1": meta["top1"],
                      "dataset_sha256": meta["dataset_sha256"][:12],
@@ -110,10 +110,11 @@ def write_checkpoint_card(checkpoints: Sequence[str | Path], folder: str | Path)
     logs = {c: read_epochs(path) for c, path in zip(table.model, checkpoints)}
     save_figure(plot_training_curves(logs), folder / "training_curves.png")
     final = dict(zip(table.model, table.train_error))
+    datasets = ", ".join(f"`{d}`" for d in dict.fromkeys(table.pop("dataset")))
     lines = ["# Shipped checkpoints", "",
              "Trained by this project's own code, `make checkpoints` (`layer-probe train --arch MODEL --recipe fast "
-             "--resume` for each), on the 50,000 training images; top-1 is measured in fp32 on the 10,000 test "
-             "images at the end of the last epoch. " + JPEG_NOTE, "",
+             f"--resume` for each), on the training split of {datasets}; top-1 is measured in fp32 on its test split "
+             "at the end of the last epoch. " + JPEG_NOTE, "",
              "wall_h is the training time in hours on `device` (2 CPU cores; other work shared the machine at "
              "times); train_error is the last epoch's, in percent, with augmentation and label smoothing on; "
              "dataset_sha256 begins the checksum of the training data read; sha256 is the file's.", "",

@@ -85,17 +85,23 @@ def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     Plain sums run several times faster than `torch.var_mean` on a CPU. Subtracting one
     image's channel means first keeps them well conditioned; each image's share is summed in
     float32 and the images are added in float64, so the error stays near float32's rounding
-    of one image's sum, and does not depend on how images are split into batches.
+    of one image's sum, and does not depend on how images are split into batches. A
+    channels_last tensor is reduced along its memory order ([N, H*W, C]), which avoids strided
+    reductions that cost several times more.
     """
     if x.dtype in (torch.float16, torch.bfloat16):  # autocast outputs: reduce in float32
         x = x.float()
-    v = x.reshape(x.shape[0], x.shape[1], -1)  # [N, C, H*W]
-    shift = v[0].mean(-1, keepdim=True)  # [C, 1]
+    n, c = x.shape[:2]
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        v, axis = x.permute(0, 2, 3, 1).reshape(n, -1, c), 1  # [N, H*W, C], a view
+    else:
+        v, axis = x.reshape(n, c, -1), 2  # [N, C, H*W], a view when contiguous
+    shift = v[0].mean(axis - 1, keepdim=True)  # image 0's channel means
     d = v - shift
-    n = v.shape[0] * v.shape[2]
-    total = d.sum(-1).double().sum(0)
-    squares = torch.linalg.vector_norm(d, dim=-1).double().square().sum(0)
-    return shift.squeeze(1).double() + total / n, squares - total.square() / n
+    count = n * v.shape[axis]
+    total = d.sum(axis).double().sum(0)
+    squares = d.square_().sum(axis).double().sum(0)
+    return shift.flatten().double() + total / count, squares - total.square() / count
 
 
 @cache
