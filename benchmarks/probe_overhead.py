@@ -6,7 +6,8 @@ For each model, in one process and on the same batches, the passes are timed in 
 per image and block), `probe bf16` (the same under `--amp bf16`), `compiled` and `compiled+ratios`
 (the statistics fused by torch.compile, `--compile`) and `naive` (every 3x3 site's
 output cloned and kept, `torch.std` at the end: the usual alternative). The ratio to `bare` is
-taken per repeat and its median reported, which is less sensitive to other work on the machine.
+taken per repeat and its median reported, which is less sensitive to other work on the machine, with the
+range over repeats.
 
 Peak memory is measured separately, each configuration in a fresh subprocess: the growth of the
 peak resident set size (Linux VmHWM, reset after set-up through /proc/self/clear_refs; elsewhere
@@ -197,13 +198,15 @@ def benchmark(args: argparse.Namespace, arch: str) -> None:
     for r in range(args.repeats):
         for mode in modes[r % len(modes):] + modes[:r % len(modes)]:  # rotate the order between repeats
             times[mode].append(timed(lambda: PASSES[mode](model, layout, batches), args.device))
-    print(f"{'mode':<16} {'s/pass':>8} {'img/s':>8} {'÷ bare':>7}  peak memory growth, MiB ({len(batches)} / "
-          f"{2 * len(batches)} batches)")
+    print(f"{'mode':<16} {'s/pass':>8} {'img/s':>8} {'÷ bare':>7} {'range':>13}  peak memory growth, MiB "
+          f"({len(batches)} / {2 * len(batches)} batches)")
     for mode in modes:
-        ratio = statistics.median(t / b for t, b in zip(times[mode], times["bare"]))
+        ratios = [t / b for t, b in zip(times[mode], times["bare"])]
         median = statistics.median(times[mode])
-        growth = " / ".join(f"{memory_growth(args, arch, mode, k):.0f}" for k in (len(batches), 2 * len(batches)))
-        print(f"{mode:<16} {median:>8.3f} {images / median:>8.0f} {ratio:>7.3f}  {growth}")
+        growth = "" if args.no_memory else " / ".join(f"{memory_growth(args, arch, mode, k):.0f}"
+                                                      for k in (len(batches), 2 * len(batches)))
+        print(f"{mode:<16} {median:>8.3f} {images / median:>8.0f} {statistics.median(ratios):>7.3f} "
+              f"{min(ratios):>6.3f}–{max(ratios):<6.3f}  {growth}")
     fp32 = probed()(model, layout, batches)
     for mode in ("probe bf16", "compiled"):
         if mode in modes:
@@ -238,6 +241,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="passes to time (bare always)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory", choices=MODES, help=argparse.SUPPRESS)  # child process: one memory measurement
     args = parser.parse_args()
     args.modes = ["bare", *(m for m in args.modes if m != "bare")]
