@@ -21,6 +21,7 @@ from .data import load_cifar10, to_tensors
 from .dynamics import read_epochs, read_history, summary
 from .errors import LayerProbeError
 from .files import write_text
+from .models import is_plain
 from .plots import plot_analysis, plot_dynamics, plot_responses, plot_training_curves, save_figure
 from .surgery import identity_check
 
@@ -127,7 +128,7 @@ def write_checkpoint_card(checkpoints: Sequence[str | Path], folder: str | Path)
             worse = final[deep] > final[shallow]
             lines.append(f"- {deep}'s final training error, {final[deep]:.2f}%, is {'above' if worse else 'below'} "
                          f"{shallow}'s, {final[shallow]:.2f}%" + (" (the degradation problem)." if worse and
-                                                                  deep.startswith("plain") else "."))
+                                                                  is_plain(deep) else "."))
     readme = folder / "README.md"
     write_text(readme, "\n".join(lines).rstrip() + "\n")
     return readme

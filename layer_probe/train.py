@@ -136,6 +136,11 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
     if state_path.exists() and not resume:
         raise LayerProbeError(f"{config.state_dir} holds a saved run; pass --resume to continue it "
                               "or --run-dir to start another")
+    state = _read_state(state_path, config) if resume and state_path.exists() else None
+    if state is not None and state["epoch"] >= rc.epochs and config.out.exists():
+        if processes.main:  # finished before: keep the file as it is, bytes included, and load no data
+            print(f"{config.arch}: already trained ({state['epoch']} epochs), {config.out} kept", flush=True)
+        return config.out
     train_set = load_cifar10(config.data, "train")
     test_set = load_cifar10(config.data, "test")
     torch.manual_seed(config.seed)
@@ -157,17 +162,12 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
     if processes.active:  # fail now rather than at the end of an epoch if the last, smallest batch cannot be shared
         processes.shard(len(y_train) - (steps - 1) * rc.batch_size)
     epoch, wall, epochs_csv, history_csv, summary = 0, 0.0, "", "", {"epochs": 0}
-    if resume and state_path.exists():
-        state = _read_state(state_path, config)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         epoch, wall, epochs_csv, history_csv = state["epoch"], state["wall_s"], state["epochs_csv"], state["history_csv"]
         summary = state["summary"]
-        if epoch >= rc.epochs and config.out.exists():  # finished before: keep the file as it is, bytes included
-            if processes.main:
-                print(f"{config.arch}: already trained ({epoch} epochs), {config.out} kept", flush=True)
-            return config.out
     model = model.to(memory_format=torch.channels_last)
     net = processes.wrap(model)
     meta = _meta(config, train_set) | {"processes": processes.size}
