@@ -70,7 +70,7 @@ def _add_probe_args(p: argparse.ArgumentParser, *, several: bool = False) -> Non
                    help="std over all N*C*H*W elements, or the mean of per-channel stds")
     p.add_argument("--amp", choices=("bf16",), help="autocast the forward pass (statistics stay float64)")
     p.add_argument("--compile", action="store_true", help="fuse the statistics with torch.compile: same numbers, "
-                   "a smaller overhead, a few seconds to compile first (needs a C++ compiler on a CPU)")
+                   "a smaller overhead, up to a minute to compile the first time (needs a C++ compiler on a CPU)")
     p.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (overrides the checkpoint)")
     p.add_argument("--std", type=float, nargs=3, help="input normalisation std (overrides the checkpoint)")
 
