@@ -383,9 +383,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .data import load_cifar10
         load_cifar10(args.data, "test", download=True)
     with process_group(config.device) as processes:  # several under torchrun: DistributedDataParallel
-        path = train(config, resume=args.resume, processes=processes)
-    if processes.main:
-        print(f"wrote {path}")
+        train(config, resume=args.resume, processes=processes)
     return 0
 
 

@@ -234,6 +234,7 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
     save_checkpoint(config.out, model, config.arch, {}, meta | summary)
     write_text(epochs_path(config.out), epochs_csv)
     write_text(history_path(config.out), history_csv)
+    print(f"wrote {config.out}", flush=True)
     return config.out
 
 
