@@ -28,3 +28,8 @@ test: env
 checkpoints: env
 	for arch in $(ARCHS); do $(BIN)/layer-probe train --arch $$arch --recipe fast --resume || exit 1; done
 	$(BIN)/layer-probe checkpoints --write checkpoints
+
+# Execute every notebook in place on all 10,000 test images (the committed outputs come from this).
+notebooks: env
+	cd notebooks && LAYER_PROBE_DATA=$(abspath $(LAYER_PROBE_DATA)) ../$(BIN)/jupyter nbconvert --to notebook --execute \
+		--inplace --ExecutePreprocessor.timeout=7200 *.ipynb
