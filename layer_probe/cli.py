@@ -11,6 +11,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import matplotlib
 import torch
 
 from .errors import LayerProbeError
@@ -394,6 +395,7 @@ COMMANDS = {"responses": cmd_responses, "analyze": cmd_analyze, "compare": cmd_c
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `layer-probe` command; returns the exit code (2 for user errors)."""
     args = build_parser().parse_args(argv)
+    matplotlib.use("Agg")  # the commands write figure files and never open a window
     previous = signal.signal(signal.SIGTERM, _interrupt)
     if getattr(args, "compile", False):
         print("compiling the fused statistics (torch.compile: up to a minute the first time on a machine, "

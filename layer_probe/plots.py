@@ -11,20 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .analysis import Analysis  # noqa: E402
-from .dynamics import History  # noqa: E402
-from .errors import LayerProbeError  # noqa: E402
-from .models import depth_of, is_plain  # noqa: E402
-from .files import atomic_path  # noqa: E402
-from .results import Responses  # noqa: E402
+from .analysis import Analysis
+from .dynamics import History
+from .errors import LayerProbeError
+from .files import atomic_path
+from .models import depth_of, is_plain
+from .results import Responses
 
 Style = Literal["report", "paper"]
 FORMATS = (".png", ".pdf", ".svg")

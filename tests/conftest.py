@@ -8,11 +8,14 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
 
 from layer_probe.data import CLASSES
+
+matplotlib.use("Agg")  # figures are written to files, never shown
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AKAMASTER20 = SHARED / "checkpoints" / "akamaster" / "resnet20-12fca82f.th"
