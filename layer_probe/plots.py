@@ -121,17 +121,22 @@ def plot_analysis(analysis: Analysis, *, style: Style = "report") -> Figure:
 
 def plot_dynamics(histories: Sequence[History], *, style: Style = "report") -> Figure:
     """For each model: a heatmap of std (layer index x epoch) on a colour scale shared by all
-    models, the mean std per stage against epoch, and the mean ||F(x)||/||x|| per stage."""
-    import seaborn as sns
+    models, the mean std per stage against epoch, and the mean ||F(x)||/||x|| per stage.
 
-    vmax = max(float(h.frame["std"].quantile(0.99)) for h in histories)
+    Std is drawn on log scales: at epoch 0 eval-mode BN still has its default running statistics
+    and passes raw conv outputs through, which in a deep ResNet are orders of magnitude larger."""
+    import seaborn as sns
+    from matplotlib.colors import LogNorm
+
+    stds = pd.concat([h.frame["std"] for h in histories])
+    norm = LogNorm(vmin=float(stds[stds > 0].min()), vmax=float(stds.max()))
     with plt.rc_context(_style(style)):
         fig, axes = plt.subplots(len(histories), 3, figsize=(SINGLE_COLUMN * 2.6, 1.9 * len(histories) + 0.4),
                                  squeeze=False, layout="constrained", gridspec_kw={"width_ratios": [1.6, 1, 1]})
         for i, (row, h) in enumerate(zip(axes, histories)):
             matrix = h.std_matrix()
-            sns.heatmap(matrix, ax=row[0], vmin=0, vmax=vmax, cmap="viridis", cbar=i == 0,
-                        cbar_kws={"label": "std of BN output"}, xticklabels=max(1, matrix.shape[1] // 8),
+            sns.heatmap(matrix, ax=row[0], norm=norm, cmap="viridis", cbar=i == 0,
+                        cbar_kws={"label": "std of BN output (log scale)"}, xticklabels=max(1, matrix.shape[1] // 8),
                         yticklabels=max(1, matrix.shape[0] // 6))
             row[0].invert_yaxis()
             row[0].set(title=h.label, xlabel="epoch", ylabel="layer index")
@@ -141,7 +146,7 @@ def plot_dynamics(histories: Sequence[History], *, style: Style = "report") -> F
                 row[1].plot(part.epoch, part["std"], lw=1, label=name, color=f"C{stage}")
                 if part["ratio"].notna().any():
                     row[2].plot(part.epoch, part["ratio"], lw=1, label=name, color=f"C{stage}")
-            row[1].set(xlabel="epoch", ylabel="mean std")
+            row[1].set(xlabel="epoch", ylabel="mean std", yscale="log")
             row[2].set(xlabel="epoch", ylabel="mean ‖F(x)‖/‖x‖")
         handles, labels = axes[0][1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right upper", frameon=False)
