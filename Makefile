@@ -3,7 +3,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED := ../shared
 # Data: $LAYER_PROBE_DATA if set, else the JPEG CIFAR-10 archive beside the project when present.
+# Absolute, because notebook kernels run in notebooks/.
 LAYER_PROBE_DATA ?= $(wildcard $(SHARED)/datasets/cifar10-jpeg.tar.gz)
+override LAYER_PROBE_DATA := $(abspath $(LAYER_PROBE_DATA))
 export LAYER_PROBE_DATA
 DEMO_CKPT ?= $(firstword $(wildcard checkpoints/resnet56.pt) $(SHARED)/checkpoints/akamaster/resnet20-12fca82f.th)
 DEMO_ARCH := $(if $(findstring akamaster,$(DEMO_CKPT)),--arch resnet20,)
@@ -31,5 +33,5 @@ checkpoints: env
 
 # Execute every notebook in place on all 10,000 test images (the committed outputs come from this).
 notebooks: env
-	cd notebooks && LAYER_PROBE_DATA=$(abspath $(LAYER_PROBE_DATA)) ../$(BIN)/jupyter nbconvert --to notebook --execute \
+	cd notebooks && ../$(BIN)/jupyter nbconvert --to notebook --execute \
 		--inplace --ExecutePreprocessor.timeout=7200 *.ipynb

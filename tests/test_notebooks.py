@@ -26,7 +26,7 @@ def test_notebook_runs_in_fast_mode(path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("LAYER_PROBE_IMAGES", os.environ.get("LAYER_PROBE_IMAGES", "1000"))
-    # the kernel runs in notebooks/, so a relative path (as `make test` exports) must be made absolute
+    # the kernel runs in notebooks/, so a relative path given to pytest must be made absolute
     monkeypatch.setenv("LAYER_PROBE_DATA", str(Path(os.environ.get("LAYER_PROBE_DATA") or JPEG_TAR).resolve()))
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
