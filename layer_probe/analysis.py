@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from scipy import stats as sps
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .data import batches, subset
 from .files import write_text
 from .models import depth_of, is_plain
-from .probe import Recording, run_probe, top1
+from .probe import Recording, run_probe
 from .results import ProbeConfig, Responses, summarize
 from .sites import Layout, find_sites
 from .stats import Moments
-from .surgery import lesion
+from .surgery import lesion_deltas
 
 THRESHOLDS = (0.1, 0.25, 0.5)  # ||F(x)||/||x|| below which a block counts as "close to zero"
 
@@ -164,18 +163,6 @@ def bootstrap_std(batch: Moments, weights: Tensor, axes: str = "all") -> Tensor:
     return per_channel.reduce(1).std() if axes == "all" else per_channel.std().mean(1)
 
 
-def lesion_deltas(model: nn.Module, layout: Layout, images: Tensor, labels: Tensor, mean: tuple[float, ...],
-                  std: tuple[float, ...], *, batch_size: int = 500, progress: bool = True) -> list[float]:
-    """Top-1 change (percentage points) when each block is deleted in turn; NaN where it cannot be."""
-    base = top1(model, images, labels, mean, std, batch_size)
-    deltas = []
-    for block in tqdm(layout.blocks, desc="lesions", leave=False, disable=not progress or None):
-        with lesion(model, block) as cut:
-            accuracy = top1(model, images, labels, mean, std, batch_size)
-        deltas.append(accuracy - base if cut.removable else float("nan"))
-    return deltas
-
-
 def rise(stds: Sequence[float], low_high: np.ndarray, layout: Layout, k: int = 1) -> tuple[float, float, float]:
     """(point, low, high): mean std of the last k sites over the median std of the rest, with its CI.
 
@@ -211,7 +198,7 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     sites = tuple(SiteStats(s.index, s.name, s.role, s.stage, stds[i], float(low[i]), float(high[i]), predicted[i])
                   for i, s in enumerate(layout.sites))
     keep = subset(len(labels), config.lesion_images, config.seed)
-    deltas = lesion_deltas(model, layout, images[keep], labels[keep], mean, std, progress=progress)
+    deltas = lesion_deltas(model, layout.blocks, images[keep], labels[keep], mean, std, progress=progress)
     by_block = {b.name: b for b in responses.blocks}
     site_of = {s.name: s for s in sites}
     blocks = []

@@ -1,10 +1,14 @@
+import copy
+import math
+
 import pytest
 import torch
 
 from layer_probe.errors import LayerProbeError
 from layer_probe.models import build_model
 from layer_probe.sites import find_sites
-from layer_probe.surgery import deepen, identity_block, lesion
+from layer_probe.probe import top1
+from layer_probe.surgery import deepen, identity_block, lesion, lesion_deltas
 from test_probe import trained_like
 
 
@@ -57,3 +61,39 @@ def test_identity_check_reports_equal_outputs_and_errors():
     check = identity_check(trained_like("plain8"), "plain8", 3, images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=7)
     assert (check.depth, check.deep_depth) == (8, 26)
     assert check.max_logit_diff == 0.0 and check.error == check.deep_error
+
+
+def _deleted(model, name):
+    """A copy of `model` with block `name` physically deleted: F(x) := 0 by a zero last BN (the
+    shortcut stays), or, for a plain block, replaced by nn.Identity."""
+    copy_ = copy.deepcopy(model)
+    stage, index = name.split(".")
+    block = getattr(copy_, stage)[int(index)]
+    with torch.no_grad():
+        if block.residual:
+            block.bn2.weight.zero_()
+            block.bn2.bias.zero_()
+        else:
+            getattr(copy_, stage)[int(index)] = torch.nn.Identity()
+    return copy_
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "plain20"])
+def test_lesion_deltas_match_networks_with_the_block_taken_out(arch):
+    model = trained_like(arch)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (45, 32, 32, 3), dtype=torch.uint8, generator=g)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    with torch.no_grad():  # the model's own predictions as labels: every changed prediction counts
+        labels = model(((images.permute(0, 3, 1, 2).float() / 255) - 0.5) / 0.25).argmax(1)
+    blocks = find_sites(model).blocks
+    deltas = lesion_deltas(model, blocks, images, labels, mean, std, batch_size=20, progress=False)
+    base = top1(model, images, labels, mean, std)
+    for block, delta in zip(blocks, deltas):
+        shapes_match = block.name.split(".")[1] != "0" or block.name == "layer1.0"
+        if block.residual or shapes_match:
+            assert delta == pytest.approx(top1(_deleted(model, block.name), images, labels, mean, std) - base, abs=1e-9)
+        else:
+            assert math.isnan(delta)
+    assert any(d != 0 for d in deltas if not math.isnan(d))  # the comparison has something to compare
+    assert not any(m._forward_hooks for m in model.modules())

@@ -85,10 +85,16 @@ class CifarNet(nn.Module):
         self.linear = nn.Linear(64, num_classes)
         _he_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The first conv, BN and ReLU: the input of the first block."""
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def head(self, out: torch.Tensor) -> torch.Tensor:
+        """Global average pooling and the classifier: last block's output [N, 64, 8, 8] -> logits."""
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
 
 def _he_init(model: nn.Module) -> None:
