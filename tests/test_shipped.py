@@ -52,6 +52,13 @@ def test_card_and_log_agree_with_the_file(path):
     assert sorted(set(history.epoch)) == list(range(len(log) + 1))
 
 
+def test_the_logs_show_the_degradation_problem():
+    """Section 4.2: plain56 ends with a higher training error than plain20; resnet56 with a lower one than resnet20."""
+    final = {p.stem: pd.read_csv(p.with_suffix(".epochs.csv")).train_error.iloc[-1]
+             for p in shipped("plain20", "plain56", "resnet20", "resnet56")}
+    assert final["plain56"] > final["plain20"] and final["resnet56"] < final["resnet20"], final
+
+
 @needs_data
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_accuracy_on_jpeg_test_images_matches_the_card(path, test_images):
