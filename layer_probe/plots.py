@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -124,19 +125,23 @@ def plot_dynamics(histories: Sequence[History], *, style: Style = "report") -> F
     models, the mean std per stage against epoch, and the mean ||F(x)||/||x|| per stage.
 
     Std is drawn on log scales: at epoch 0 eval-mode BN still has its default running statistics
-    and passes raw conv outputs through, which in a deep ResNet are orders of magnitude larger."""
+    and passes raw conv outputs through, which in a deep ResNet are orders of magnitude larger.
+    So the colours span the 1st to 99th percentile of the trained epochs' stds (epoch >= 1) and
+    values beyond saturate, marked by the colour bar's arrows; the curves show every value."""
     import seaborn as sns
     from matplotlib.colors import LogNorm
 
-    stds = pd.concat([h.frame["std"] for h in histories])
-    norm = LogNorm(vmin=float(stds[stds > 0].min()), vmax=float(stds.max()))
+    trained = pd.concat([h.frame.loc[h.frame.epoch >= 1, "std"] for h in histories])
+    stds = trained if (trained > 0).any() else pd.concat([h.frame["std"] for h in histories])  # epoch 0 only
+    low, high = np.percentile(stds[stds > 0], [1, 99])
+    norm = LogNorm(vmin=float(low), vmax=float(max(high, low * 1.01)))
     with plt.rc_context(_style(style)):
         fig, axes = plt.subplots(len(histories), 3, figsize=(SINGLE_COLUMN * 2.6, 1.9 * len(histories) + 0.4),
                                  squeeze=False, layout="constrained", gridspec_kw={"width_ratios": [1.6, 1, 1]})
         for i, (row, h) in enumerate(zip(axes, histories)):
             matrix = h.std_matrix()
             sns.heatmap(matrix, ax=row[0], norm=norm, cmap="viridis", cbar=i == 0,
-                        cbar_kws={"label": "std of BN output (log scale)"}, xticklabels=max(1, matrix.shape[1] // 8),
+                        cbar_kws={"label": "std of BN output (log scale)", "extend": "both"}, xticklabels=max(1, matrix.shape[1] // 8),
                         yticklabels=max(1, matrix.shape[0] // 6))
             row[0].invert_yaxis()
             row[0].set(title=h.label, xlabel="epoch", ylabel="layer index")

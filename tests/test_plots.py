@@ -1,7 +1,10 @@
+import numpy as np
+import pandas as pd
 import pytest
 
 from layer_probe.errors import LayerProbeError
-from layer_probe.plots import plot_responses, save_figure
+from layer_probe.dynamics import History
+from layer_probe.plots import plot_dynamics, plot_responses, save_figure
 from test_results import responses  # noqa: F401 - fixture
 
 
@@ -22,3 +25,18 @@ def test_vector_output_is_deterministic(responses, tmp_path, suffix):  # noqa: F
 def test_unknown_format(responses, tmp_path):  # noqa: F811
     with pytest.raises(LayerProbeError, match="png, .pdf or .svg|.png, .pdf, .svg"):
         save_figure(plot_responses([responses]), tmp_path / "fig.jpg")
+
+
+def test_dynamics_colours_span_the_trained_epochs_not_the_initialisation():
+    rng = np.random.default_rng(0)
+    frames = []
+    for label in ("plain8", "resnet8"):
+        stds = {0: np.full(7, 1e6 if label == "resnet8" else 1e-3)}  # epoch 0: raw conv outputs
+        stds.update({e: rng.uniform(0.5, 2.0, 7) for e in (1, 2, 3)})
+        rows = [{"epoch": e, "index": i + 1, "name": f"layer1.{i}.bn2", "role": "branch_out", "std": v, "ratio": 0.5,
+                 "stage": 1} for e, values in stds.items() for i, v in enumerate(values)]
+        frames.append((label, pd.DataFrame(rows)))
+    fig = plot_dynamics([History(label, frame) for label, frame in frames])
+    trained = np.concatenate([f.loc[f.epoch >= 1, "std"].to_numpy() for _, f in frames])
+    norm = fig.axes[0].collections[0].norm
+    assert (norm.vmin, norm.vmax) == pytest.approx(tuple(np.percentile(trained, [1, 99])))
