@@ -57,6 +57,7 @@ class SiteStats:
     std_low: float
     std_high: float
     gamma_std: float  # sqrt(mean(gamma^2) + var(beta)): the std for a unit-variance normalised input
+    z_var: float  # variance of BN's normalised input, mean over channels: what gamma_std assumes is 1
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,19 @@ def gamma_std(bn: nn.BatchNorm2d) -> float:
     return math.sqrt(float(gamma.square().mean() + beta.var(correction=0)))
 
 
+def z_var(bn: nn.BatchNorm2d, out: Moments) -> float:
+    """Variance of BN's normalised input z = (y - beta) / gamma, from its output's per-channel moments.
+
+    gamma_std assumes 1. In eval mode z is normalised by the running statistics, so this is the data's
+    variance over the running variance: below 1 when those were gathered on more varied (augmented) batches.
+    Channels with gamma = 0 carry no information about z and are left out.
+    """
+    var = out.var(correction=0).double().cpu()
+    gamma = bn.weight.detach().double().cpu() if bn.weight is not None else torch.ones_like(var)
+    keep = gamma != 0
+    return float((var[keep] / gamma[keep].square()).mean()) if keep.any() else float("nan")
+
+
 def bootstrap_weights(n: int, resamples: int, seed: int) -> Tensor:
     """Multinomial counts [resamples, n]: how often each of n items is drawn in each resample."""
     idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
@@ -195,7 +209,8 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     modules = dict(model.named_modules())
     predicted = [gamma_std(modules[s.name]) for s in layout.sites]
     stds = responses.std()
-    sites = tuple(SiteStats(s.index, s.name, s.role, s.stage, stds[i], float(low[i]), float(high[i]), predicted[i])
+    sites = tuple(SiteStats(s.index, s.name, s.role, s.stage, stds[i], float(low[i]), float(high[i]), predicted[i],
+                            z_var(modules[s.name], rec.moments(s.name)))
                   for i, s in enumerate(layout.sites))
     keep = subset(len(labels), config.lesion_images, config.seed)
     deltas = lesion_deltas(model, layout.blocks, images[keep], labels[keep], mean, std, progress=progress)
@@ -213,7 +228,8 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     point, lo, hi = rise(stds, boot, layout, config.rise_k)
     analysis = Analysis(sites, tuple(blocks), Rise(config.rise_k, point, lo, hi, lo > 1.0, _stage_rises(sites, boot),
                                                    _rise_evidence(sites, blocks, config.rise_k)),
-                        closeness([b.ratio_mean for b in blocks]), _gamma_fit(stds, predicted),
+                        closeness([b.ratio_mean for b in blocks]),
+                        _gamma_fit(stds, predicted, [s.z_var for s in sites]),
                         responses.meta | {"bootstrap": config.bootstrap, "lesion_images": len(keep),
                                           "probe_batch_size": pc.batch_size})
     return analysis, responses
@@ -239,24 +255,29 @@ def _stage_rises(sites: Sequence[SiteStats], boot: np.ndarray) -> tuple[dict[str
     return tuple(out)
 
 
+def _finite_median(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.median(finite)) if finite else float("nan")
+
+
 def _rise_evidence(sites: Sequence[SiteStats], blocks: Sequence[BlockStats], k: int) -> dict[str, float]:
     """What distinguishes the last layers: their gamma, their F(x) size, and the damage of deleting them."""
-    def median(values: Sequence[float]) -> float:
-        finite = [v for v in values if not math.isnan(v)]
-        return float(np.median(finite)) if finite else float("nan")
-
     last, rest = blocks[-1], blocks[:-1]
     return {"gamma_std_last": float(np.mean([s.gamma_std for s in sites[-k:]])),
-            "gamma_std_rest_median": median([s.gamma_std for s in sites[:-k]]),
-            "ratio_last_block": last.ratio_mean, "ratio_other_blocks_median": median([b.ratio_mean for b in rest]),
-            "lesion_last_block": last.lesion_delta, "lesion_other_blocks_median": median([b.lesion_delta for b in rest])}
+            "gamma_std_rest_median": _finite_median([s.gamma_std for s in sites[:-k]]),
+            "ratio_last_block": last.ratio_mean,
+            "ratio_other_blocks_median": _finite_median([b.ratio_mean for b in rest]),
+            "lesion_last_block": last.lesion_delta,
+            "lesion_other_blocks_median": _finite_median([b.lesion_delta for b in rest])}
 
 
-def _gamma_fit(measured: Sequence[float], predicted: Sequence[float]) -> dict[str, float]:
+def _gamma_fit(measured: Sequence[float], predicted: Sequence[float], z_vars: Sequence[float]) -> dict[str, float]:
+    """Agreement of measured and gamma-predicted std over sites, and the median of what the prediction assumes is 1."""
+    z = _finite_median(z_vars)
     if len(measured) < 3 or np.std(predicted) == 0 or np.std(measured) == 0:
-        return {"pearson_r": float("nan"), "spearman_rho": float("nan")}
+        return {"pearson_r": float("nan"), "spearman_rho": float("nan"), "z_var_median": z}
     return {"pearson_r": float(sps.pearsonr(measured, predicted)[0]),
-            "spearman_rho": float(sps.spearmanr(measured, predicted)[0])}
+            "spearman_rho": float(sps.spearmanr(measured, predicted)[0]), "z_var_median": z}
 
 
 @dataclass(frozen=True)
@@ -369,7 +390,8 @@ def format_analysis(analysis: Analysis) -> str:
                      f"{b.gamma_std:>7.3f} {b.ratio_mean:>8.3f} {b.cosine:>6.2f} {b.lesion_delta:>7.2f}")
     c, g, e = analysis.closeness, analysis.gamma_fit, rise.evidence
     lines += ["", f"measured vs γ-predicted std over sites: Pearson r = {g['pearson_r']:.3f}, "
-                  f"Spearman ρ = {g['spearman_rho']:.3f}",
+                  f"Spearman ρ = {g['spearman_rho']:.3f}; BN's normalised input has median variance "
+                  f"{g['z_var_median']:.2f} over sites (the prediction assumes 1)",
               "blocks with ‖F(x)‖/‖x‖ below 0.1 / 0.25 / 0.5: " + " / ".join(f"{v:.0%}" for v in c.values()),
               f"F(x) close to zero (most blocks below 0.5): {'yes' if analysis.close_to_zero else 'no'}",
               f"rise in the last layers: last {rise.k} site(s) / median of the rest = {rise.ratio:.2f} "

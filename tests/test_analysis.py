@@ -79,6 +79,29 @@ def test_gamma_prediction_equals_the_std_under_batch_statistics():
         assert rec.moments(name).reduce(0).std(correction=0).item() == pytest.approx(gamma_std(modules[name]), rel=1e-3)
 
 
+def test_normalised_input_variance_is_the_data_over_the_running_variance():
+    # What gamma_std assumes is 1, measured from a hook on BN's input, independently of the probe.
+    model = trained_like("resnet8")
+    with torch.no_grad():
+        model.layer3[0].bn2.running_var.mul_(4)  # running statistics wider than the data: z_var about 4x smaller
+        model.layer2[0].bn2.weight[0] = 0  # a channel that says nothing about z
+    seen = {}
+    names = ("bn1", "layer2.0.bn2", "layer3.0.bn2")
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, []).append(i[0].detach()))
+             for n in names]
+    analysis, _ = run(model)
+    for h in hooks:
+        h.remove()
+    by_name = {s.name: s for s in analysis.sites}
+    for n in names:
+        bn, x = modules[n], torch.cat(seen[n][:5]).double()  # the probe pass's 40 images (lesions rerun later)
+        keep = bn.weight != 0
+        expected = (x.var((0, 2, 3), correction=0) / (bn.running_var.double() + bn.eps))[keep].mean().item()
+        assert by_name[n].z_var == pytest.approx(expected, rel=1e-4)
+    assert analysis.gamma_fit["z_var_median"] == pytest.approx(np.median([s.z_var for s in analysis.sites]))
+
+
 def test_bootstrap_equals_naive_resampling_of_stored_batches():
     torch.manual_seed(0)
     stored = [torch.randn(5, 3, 4, 4) * (1 + i) + i for i in range(6)]
