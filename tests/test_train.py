@@ -49,6 +49,7 @@ def test_training_lowers_the_loss_and_writes_checkpoint_logs_and_history(tmp_pat
     assert list(log["epoch"]) == [1, 2, 3, 4] and log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
     ckpt = load_checkpoint(cfg.out)
     assert ckpt.arch == "resnet8" and ckpt.meta["epochs"] == 4 and ckpt.meta["recipe"]["name"] == "fast"
+    assert ckpt.meta["dataset"] == tree.name  # the data's name, not this machine's absolute path
     assert len(ckpt.meta["dataset_sha256"]) == 64 and ckpt.meta["top1"] == pytest.approx(100 - log["test_error"].iloc[-1])
     history = pd.read_csv(history_path(cfg.out))
     assert sorted(set(history["epoch"])) == [0, 1, 2, 3, 4] and len(history) == 5 * 7
