@@ -273,11 +273,10 @@ def _rise_evidence(sites: Sequence[SiteStats], blocks: Sequence[BlockStats], k: 
 
 def _gamma_fit(measured: Sequence[float], predicted: Sequence[float], z_vars: Sequence[float]) -> dict[str, float]:
     """Agreement of measured and gamma-predicted std over sites, and the median of what the prediction assumes is 1."""
-    z = _finite_median(z_vars)
-    if len(measured) < 3 or np.std(predicted) == 0 or np.std(measured) == 0:
-        return {"pearson_r": float("nan"), "spearman_rho": float("nan"), "z_var_median": z}
-    return {"pearson_r": float(sps.pearsonr(measured, predicted)[0]),
-            "spearman_rho": float(sps.spearmanr(measured, predicted)[0]), "z_var_median": z}
+    r = rho = float("nan")
+    if len(measured) >= 3 and np.std(predicted) > 0 and np.std(measured) > 0:
+        r, rho = float(sps.pearsonr(measured, predicted)[0]), float(sps.spearmanr(measured, predicted)[0])
+    return {"pearson_r": r, "spearman_rho": rho, "z_var_median": _finite_median(z_vars)}
 
 
 @dataclass(frozen=True)

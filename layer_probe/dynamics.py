@@ -48,6 +48,10 @@ class History:
         return (self.frame.groupby(["epoch", "stage"])
                 .agg(std=("std", "mean"), ratio=("ratio", "mean")).reset_index())
 
+    def mean_std(self) -> pd.Series:
+        """Per epoch: the mean std over sites."""
+        return self.frame.groupby("epoch")["std"].mean()
+
     def rise(self) -> pd.Series:
         """Per epoch: the last site's std over the median std of the others (Fig. 7's rise)."""
         m = self.std_matrix()
@@ -93,8 +97,7 @@ def _stage(name: str) -> int:
 
 def ordering_epoch(resnet: History, plain: History) -> int | None:
     """The first epoch from which the ResNet's mean std stays below the plain net's to the end (None: never)."""
-    r = resnet.frame.groupby("epoch")["std"].mean()
-    p = plain.frame.groupby("epoch")["std"].mean()
+    r, p = resnet.mean_std(), plain.mean_std()
     below = (r < p).reindex(sorted(set(r.index) & set(p.index)))
     if below.empty or not below.iloc[-1]:
         return None
@@ -109,11 +112,11 @@ def summary(histories: list[History]) -> pd.DataFrame:
     rows = []
     for h in histories:
         first, last = h.frame.epoch.min(), h.frame.epoch.max()
-        rise = h.rise()
+        rise, mean_std = h.rise(), h.mean_std()
         ratios = h.frame.groupby("epoch")["ratio"].mean()
         partner = plains.get(h.depth) if not h.plain else None
-        rows.append({"model": h.label, "epochs": int(last), "std_init": h.frame[h.frame.epoch == first]["std"].mean(),
-                     "std_final": h.frame[h.frame.epoch == last]["std"].mean(), "rise_init": rise[first],
+        rows.append({"model": h.label, "epochs": int(last), "std_init": mean_std[first],
+                     "std_final": mean_std[last], "rise_init": rise[first],
                      "rise_final": rise[last], "ratio_init": ratios[first], "ratio_final": ratios[last],
                      "below_plain_from_epoch": ordering_epoch(h, partner) if partner else None})
     return pd.DataFrame(rows)

@@ -141,8 +141,8 @@ def plot_dynamics(histories: Sequence[History], *, style: Style = "report") -> F
         for i, (row, h) in enumerate(zip(axes, histories)):
             matrix = h.std_matrix()
             sns.heatmap(matrix, ax=row[0], norm=norm, cmap="viridis", cbar=i == 0,
-                        cbar_kws={"label": "std of BN output (log scale)", "extend": "both"}, xticklabels=max(1, matrix.shape[1] // 8),
-                        yticklabels=max(1, matrix.shape[0] // 6))
+                        cbar_kws={"label": "std of BN output (log scale)", "extend": "both"},
+                        xticklabels=max(1, matrix.shape[1] // 8), yticklabels=max(1, matrix.shape[0] // 6))
             row[0].invert_yaxis()
             row[0].set(title=h.label, xlabel="epoch", ylabel="layer index")
             stages = h.per_stage()

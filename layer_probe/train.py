@@ -293,8 +293,9 @@ def _csv(fields: tuple[str, ...], rows: list[dict[str, Any]], header: bool = Tru
 def _meta(config: TrainConfig, data: ImageSet) -> dict[str, Any]:
     """What the checkpoint records of its training. The data by file name and sha256: a machine's own path
     says nothing on another machine."""
-    return {"dataset": Path(data.source).name, "dataset_sha256": data.sha256, "train_images": len(data) if config.limit is None
-            else min(config.limit, len(data)), "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
+    return {"dataset": Path(data.source).name, "dataset_sha256": data.sha256,
+            "train_images": len(data) if config.limit is None else min(config.limit, len(data)),
+            "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
             "recipe": asdict(config.recipe), "seed": config.seed, "device": _device_name(config.device),
             "probe_images": config.probe_images, "code_version": __version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
