@@ -11,7 +11,7 @@ DEMO_CKPT ?= $(firstword $(wildcard checkpoints/resnet56.pt) $(SHARED)/checkpoin
 DEMO_ARCH := $(if $(findstring akamaster,$(DEMO_CKPT)),--arch resnet20,)
 ARCHS ?= resnet20 plain20 resnet56 plain56 resnet110
 
-.PHONY: env demo test checkpoints notebooks
+.PHONY: env demo test checkpoints ablations faithful replicates notebooks
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,22 @@ test: env
 checkpoints: env
 	for arch in $(ARCHS); do $(BIN)/layer-probe train --arch $$arch --recipe fast --resume || exit 1; done
 	$(BIN)/layer-probe checkpoints --write checkpoints
+
+# Which training choices make Fig. 7: resnet20 ablations paired with the shipped (fast) resnet20, the five networks
+# under the faithful recipe, and seed replicates. Each run continues where it stopped; one at a time.
+TRAIN := $(BIN)/layer-probe train --resume
+ablations: env
+	$(TRAIN) --arch resnet20 --recipe fast --label-smoothing 0 --out checkpoints/ablations/resnet20-no-smoothing.pt
+	$(TRAIN) --arch resnet20 --recipe fast --head normalized --out checkpoints/ablations/resnet20-normalized-head.pt
+	$(TRAIN) --arch resnet20 --recipe fast --freeze-last-bn --out checkpoints/ablations/resnet20-frozen-last-bn.pt
+
+faithful: env
+	for arch in $(ARCHS); do $(TRAIN) --arch $$arch --recipe faithful --out checkpoints/faithful/$$arch.pt || exit 1; done
+
+replicates: env
+	for seed in 1 2; do for arch in resnet20 plain20; do \
+		$(TRAIN) --arch $$arch --recipe faithful --seed $$seed --out checkpoints/faithful/$$arch-seed$$seed.pt || exit 1; \
+	done; done
 
 # Execute every notebook in place on all 10,000 test images (the committed outputs come from this).
 notebooks: env

@@ -144,10 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a CIFAR network, recording its responses every epoch")
     p.add_argument("--arch", required=True)
-    p.add_argument("--recipe", choices=("paper", "fast"), default="fast")
+    p.add_argument("--recipe", choices=("paper", "fast", "faithful"), default="fast",
+                   help="fast: 40 epochs for a small CPU; faithful: fast with weight decay on every parameter and "
+                        "no label smoothing, as the paper's training; paper: Section 4.2 (for a GPU)")
     p.add_argument("--epochs", type=_positive, help="override the recipe's number of epochs")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto (default): time a few steps in both on this machine and take the faster")
+    p.add_argument("--label-smoothing", type=float, metavar="X", help="override the recipe's label smoothing")
+    p.add_argument("--decay-all", action="store_true", help="weight decay on every parameter, BN's γ and β included")
+    p.add_argument("--head", choices=("linear", "normalized"),
+                   help="normalized: BN without affine on the pooled features, before the linear classifier")
+    p.add_argument("--freeze-last-bn", action="store_true",
+                   help="hold the last block's branch-output BN at γ = 1, β = 0")
     p.add_argument("--out", type=Path, help="checkpoint path (default: checkpoints/ARCH.pt)")
-    p.add_argument("--run-dir", type=Path, help="resumable state (default: ~/.cache/layer-probe/runs/<out stem>)")
+    p.add_argument("--run-dir", type=Path, help="resumable state (default: ~/.cache/layer-probe/runs/<out folder>/<out stem>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --run-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-every", type=int, default=1, help="epochs between response probes")
@@ -372,13 +382,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import RECIPES, TrainConfig, train
 
     recipe = RECIPES[args.recipe]
-    if args.epochs:
-        recipe = replace(recipe, epochs=args.epochs)
+    switches = {"epochs": args.epochs, "label_smoothing": args.label_smoothing, "head": args.head,
+                "decay_all": args.decay_all or None, "freeze_last_bn": args.freeze_last_bn or None}
+    recipe = replace(recipe, **{k: v for k, v in switches.items() if v is not None})
+    if not 0 <= recipe.label_smoothing < 1:
+        raise LayerProbeError(f"--label-smoothing must be in [0, 1), got {recipe.label_smoothing}")
     if args.probe_every < 0:
         raise LayerProbeError(f"--probe-every must be 0 or more, got {args.probe_every}")
     out = args.out or Path("checkpoints") / f"{args.arch}.pt"
     config = TrainConfig(arch=args.arch, out=out, recipe=recipe, data=args.data, seed=args.seed,
-                         device=_device(args.device), run_dir=args.run_dir,
+                         device=_device(args.device), precision=args.precision, run_dir=args.run_dir,
                          probe_every=0 if args.no_probe else args.probe_every, limit=args.limit)
     if args.download:
         from .data import load_cifar10

@@ -99,8 +99,7 @@ def to_tensors(data: ImageSet, limit: int | None = None, device: str | torch.dev
                seed: int = 0) -> tuple[Tensor, Tensor]:
     """Images and labels as tensors: [N, 32, 32, 3] uint8 and [N] int64.
 
-    With a `limit` below the split's size, the images are a seeded random subset (the
-    files are sorted by class, so the first N would all be airplanes).
+    The images come in a seeded random order, a random subset of them with a `limit` (see `subset`).
     """
     if limit is not None and limit < 1:
         raise LayerProbeError(f"--limit must be a positive number of images, got {limit}")
@@ -111,10 +110,13 @@ def to_tensors(data: ImageSet, limit: int | None = None, device: str | torch.dev
 
 
 def subset(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of a seeded random subset of `limit` of `n` items, in increasing order (all of them without a limit)."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+    """Indices of `limit` of `n` items (all of them without a limit) in a seeded random order.
+
+    The files are sorted by class: in file order the first N would all be airplanes, and batches
+    normalised with batch statistics (BN in train mode) would each hold a single class.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    return order if limit is None else order[:limit]
 
 
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

@@ -1,26 +1,36 @@
 """Training the CIFAR networks of Section 4.2, with the response dynamics recorded as they train.
 
-Two recipes:
-- `paper`: Section 4.2 as written: SGD (momentum 0.9, weight decay 1e-4), batch 128, lr 0.1
-  divided by 10 at 32k and 48k iterations, stop at 64k, 45k/5k train/validation split,
-  4-pixel padding + random crop + flip; ResNet-110 warms up at lr 0.01 for 400 iterations.
-- `fast`: for a small CPU: bf16 autocast, channels_last, batch 256, one-cycle lr, label
-  smoothing, all 50k training images.
+Three recipes:
+- `paper`: Section 4.2 as written: SGD (momentum 0.9, weight decay 1e-4 on every parameter, as
+  the reference implementations of 2016 did), batch 128, lr 0.1 divided by 10 at 32k and 48k
+  iterations, stop at 64k, 45k/5k train/validation split, 4-pixel padding + random crop + flip;
+  ResNet-110 warms up at lr 0.01 for 400 iterations.
+- `fast`: for a small CPU: channels_last, batch 256, one-cycle lr, label smoothing, weight decay
+  on conv and linear weights only, all 50k training images.
+- `faithful`: `fast` without its two departures from the paper's training: decay on every
+  parameter (BN's γ and β included) and no label smoothing.
+
+Precision is not part of a recipe: `--precision auto` times both on the machine at hand (see
+`precision`), and each epoch records the one it ran in. Switches for ablations (`decay_all`,
+`label_smoothing`, `head`, `freeze_last_bn`) are recipe fields, so the checkpoint records them.
 
 The whole split is held in memory as uint8 and augmented on tensors per image, with no
-DataLoader. After every epoch (and once before the first step, epoch 0) the probe runs on a
-fixed probe set and appends each site's std and each block's ||F(x)||/||x|| to a history.
-State is saved atomically every epoch, so `--resume` after a kill loses at most the
-unfinished epoch.
+DataLoader. Once before the first step (epoch 0, with BN batch statistics: an untrained
+network's running statistics are BN's defaults, not its data's) and after every epoch (running
+and batch statistics) the probe runs on a fixed, class-mixed probe set and appends each site's
+std and each block's ||F(x)||/||x|| to a history. State is saved atomically every epoch, so
+`--resume` after a kill loses at most the unfinished epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,16 +47,19 @@ from .data import CIFAR_MEAN, CIFAR_STD, ImageSet, cache_dir, load_cifar10, norm
 from .distributed import Processes
 from .errors import LayerProbeError
 from .files import atomic_path, check_writable, write_text
-from .models import build_model
+from .models import build_model, is_cifar
+from .models.cifar import Head
+from .precision import Precision, PrecisionChoice, autocast, choose
 from .probe import top1
 from .results import ProbeConfig, Responses, measure_responses
+from .sites import find_sites
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Optimisation settings. Iteration counts are optimizer steps."""
 
-    name: Literal["paper", "fast"]
+    name: str
     epochs: int
     batch_size: int
     lr: float  # peak learning rate
@@ -54,19 +67,23 @@ class Recipe:
     weight_decay: float
     nesterov: bool
     label_smoothing: float
-    bf16: bool  # autocast forward/backward in bf16 (evaluation stays fp32)
     schedule: Literal["steps", "onecycle"]
+    decay_all: bool = False  # weight decay on every parameter; else on conv and linear weights only
+    head: Head = "linear"  # "normalized": BN without affine on the pooled features, before the classifier
+    freeze_last_bn: bool = False  # the last block's branch-output BN keeps γ = 1, β = 0
     milestones: tuple[int, ...] = ()  # iterations where lr is divided by 10 ("steps")
     warmup_iters: int = 0  # iterations at lr/10 before the schedule starts ("steps", ResNet-110)
     holdout: int = 0  # training images held out as a validation set
 
 
+_FAST = Recipe("fast", epochs=40, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=True,
+               label_smoothing=0.1, schedule="onecycle")
 RECIPES = {
     # 64k iterations of 128 images out of 45k = 182 epochs.
     "paper": Recipe("paper", epochs=182, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False,
-                    label_smoothing=0.0, bf16=False, schedule="steps", milestones=(32000, 48000), holdout=5000),
-    "fast": Recipe("fast", epochs=40, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=True,
-                   label_smoothing=0.1, bf16=True, schedule="onecycle"),
+                    label_smoothing=0.0, schedule="steps", decay_all=True, milestones=(32000, 48000), holdout=5000),
+    "fast": _FAST,
+    "faithful": replace(_FAST, name="faithful", decay_all=True, label_smoothing=0.0),
 }
 
 
@@ -78,7 +95,8 @@ class TrainConfig:
     data: str | None = None
     seed: int = 0
     device: str = "cpu"
-    run_dir: Path | None = None  # resumable state; default: <cache>/runs/<out stem>
+    precision: PrecisionChoice = "auto"  # auto: time both on this machine and take the faster
+    run_dir: Path | None = None  # resumable state; default: <cache>/runs/<out folder name>/<out stem>
     probe_every: int = 1  # epochs between response probes; 0 disables them
     probe_images: int = 1000  # size of the fixed probe set (test images chosen by seed)
     limit: int | None = None  # use only this many training images (tests, smoke runs)
@@ -86,12 +104,12 @@ class TrainConfig:
 
     @property
     def state_dir(self) -> Path:
-        return self.run_dir or cache_dir() / "runs" / self.out.stem
+        return self.run_dir or cache_dir() / "runs" / self.out.resolve().parent.name / self.out.stem
 
 
-EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_error", "val_error", "lr", "images_per_s", "epoch_s",
-                "probe_s", "wall_s")
-HISTORY_FIELDS = ("epoch", "index", "name", "role", "std", "ratio")
+EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_error", "val_error", "lr", "precision", "images_per_s",
+                "epoch_s", "probe_s", "wall_s")
+HISTORY_FIELDS = ("epoch", "bn_mode", "index", "name", "role", "stage", "block", "std", "ratio")
 
 
 def lr_at(recipe: Recipe, it: int, total: int, arch: str) -> float:
@@ -121,6 +139,68 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
     return padded[torch.arange(n, device=images.device)[:, None, None], rows, cols]
 
 
+def initial_model(arch: str, recipe: Recipe, seed: int) -> nn.Module:
+    """The network a run of `arch` with `seed` starts from: the same weights every time (a test checks it)."""
+    torch.manual_seed(seed)
+    model = build_model(arch, **_arch_kwargs(arch, recipe))
+    if recipe.freeze_last_bn:
+        freeze_last_branch_bn(model)
+    return model
+
+
+def freeze_last_branch_bn(model: nn.Module) -> str:
+    """Hold the last block's branch-output BN at γ = 1, β = 0 and exclude it from training; returns its name.
+
+    The block is read from the model's structure (`find_sites`), not from its names.
+    """
+    layout = find_sites(model)
+    if not layout.blocks:
+        raise LayerProbeError("freeze_last_bn: the model has no blocks")
+    name = layout.blocks[-1].branch_out
+    bn = model.get_submodule(name)
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+    bn.requires_grad_(False)
+    return name
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: which parameters weight decay reaches.
+
+    `decay_all` decays every trained parameter (BN's γ and β included, as the reference code of
+    2016 did); otherwise only conv and linear weights (ndim > 1) are decayed. Frozen parameters
+    are left out.
+    """
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if recipe.decay_all:
+        return [{"params": trained, "weight_decay": recipe.weight_decay}]
+    return [{"params": [p for p in trained if p.ndim > 1], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+@dataclass
+class _Run:
+    """What one call of `train` works with; `epoch`, `wall`, the logs and `summary` advance per epoch."""
+
+    model: nn.Module
+    net: nn.Module  # the model, wrapped for DistributedDataParallel when several processes train
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    probe: tuple[Tensor, Tensor]
+    meta: dict[str, Any]
+    precision: Precision
+    lr: float = 0.0  # the last step's
+    epoch: int = 0
+    wall: float = 0.0
+    epochs_csv: str = ""
+    history_csv: str = ""
+    summary: dict[str, Any] | None = None
+
+
 def train(config: TrainConfig, *, resume: bool = False, processes: Processes = Processes()) -> Path:
     """Train `config.arch`, resuming from `config.state_dir` when asked; returns the checkpoint path.
 
@@ -129,7 +209,6 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
     its share of each batch (BN statistics per process, as on the paper's two GPUs), and rank 0
     alone evaluates, probes and writes.
     """
-    rc, device = config.recipe, torch.device(config.device)
     state_path = config.state_dir / "state.pt"
     check_writable(config.out.parent)  # both are written after every epoch: fail before any work, not after it
     check_writable(config.state_dir)
@@ -137,105 +216,183 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
         raise LayerProbeError(f"{config.state_dir} holds a saved run; pass --resume to continue it "
                               "or --run-dir to start another")
     state = _read_state(state_path, config) if resume and state_path.exists() else None
-    if state is not None and state["epoch"] >= rc.epochs and config.out.exists():
+    if state is not None and state["epoch"] >= config.recipe.epochs and config.out.exists():
         if processes.main:  # finished before: keep the file as it is, bytes included, and load no data
             print(f"{config.arch}: already trained ({state['epoch']} epochs), {config.out} kept", flush=True)
         return config.out
+    run = _setup(config, state, processes)
+    for epoch in range(run.epoch + 1, config.recipe.epochs + 1):
+        t0 = time.perf_counter()
+        loss, error, images_per_s = _train_epoch(run, config, epoch, processes)
+        if processes.main:  # the others go on to the next epoch and wait there for rank 0
+            _record_epoch(run, config, epoch, t0, loss, error, images_per_s)
+            _save_state(run, config, state_path)
+    if processes.main:
+        _save_final(run, config)
+    return config.out
+
+
+def _setup(config: TrainConfig, state: dict[str, Any] | None, processes: Processes) -> _Run:
+    """Data in memory, the seeded model and optimizer (or the saved run's), the precision, and epoch 0's probe."""
+    rc, device = config.recipe, torch.device(config.device)
     train_set = load_cifar10(config.data, "train")
     test_set = load_cifar10(config.data, "test")
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch).to(device)
+    model = initial_model(config.arch, rc, config.seed).to(device)
     generator = torch.Generator().manual_seed(config.seed)
     index = subset(len(train_set), config.limit, config.seed)
     holdout = torch.randperm(len(index), generator=torch.Generator().manual_seed(config.seed))[:rc.holdout]
     keep = torch.ones(len(index), dtype=torch.bool)
     keep[holdout] = False
     x_all, y_all = (torch.from_numpy(a[index]).to(device) for a in (train_set.images, train_set.labels))
-    x_train, y_train, x_val, y_val = x_all[keep], y_all[keep], x_all[~keep], y_all[~keep]
-    x_test, y_test = to_tensors(test_set, device=device)
-    probe_x, probe_y = to_tensors(test_set, config.probe_images, device, seed=config.seed)
-    params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": rc.weight_decay},
-              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(params, lr=rc.lr, momentum=rc.momentum, nesterov=rc.nesterov)
-    steps = math.ceil(len(y_train) / rc.batch_size)
-    total = steps * rc.epochs
+    optimizer = torch.optim.SGD(param_groups(model, rc), lr=rc.lr, momentum=rc.momentum, nesterov=rc.nesterov)
     if processes.active:  # fail now rather than at the end of an epoch if the last, smallest batch cannot be shared
-        processes.shard(len(y_train) - (steps - 1) * rc.batch_size)
-    epoch, wall, epochs_csv, history_csv, summary = 0, 0.0, "", "", {"epochs": 0}
+        train_n = int(keep.sum())
+        processes.shard(train_n - (math.ceil(train_n / rc.batch_size) - 1) * rc.batch_size)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        epoch, wall, epochs_csv, history_csv = state["epoch"], state["wall_s"], state["epochs_csv"], state["history_csv"]
-        summary = state["summary"]
     model = model.to(memory_format=torch.channels_last)
-    net = processes.wrap(model)
-    meta = _meta(config, train_set) | {"processes": processes.size}
-    if epoch == 0 and processes.main:
-        history_csv = _csv(HISTORY_FIELDS, _history_rows(0, _probe(model, probe_x, probe_y)))
-        epochs_csv = _csv(EPOCH_FIELDS, [])
-    done = epoch  # epochs finished before this call
-    for epoch in range(done + 1, rc.epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(y_train), generator=generator).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        wrong = torch.zeros((), dtype=torch.long, device=device)
-        lr = rc.lr
-        quiet = not (config.progress and processes.main) or None
-        for i in tqdm(range(steps), desc=f"epoch {epoch}/{rc.epochs}", leave=False, disable=quiet):
-            idx = perm[i * rc.batch_size:(i + 1) * rc.batch_size]
-            mine = processes.shard(len(idx))  # this process's share of the batch: all of it in one process
-            x = normalize(augment(x_train[idx], generator)[mine], CIFAR_MEAN, CIFAR_STD).contiguous(
-                memory_format=torch.channels_last)
-            y = y_train[idx][mine]
-            lr = lr_at(rc, (epoch - 1) * steps + i, total, config.arch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=rc.bf16):
-                logits = net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=rc.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages the processes' gradients; weighting each by its share of the batch makes the step that
-            # of the whole batch's mean loss even when the batch splits unevenly (the weight is 1 in one process)
-            (loss * (len(y) * processes.size / len(idx))).backward()
-            optimizer.step()
-            loss_sum += loss.detach().double() * len(y)
-            wrong += (logits.detach().argmax(1) != y).sum()
-        train_s = time.perf_counter() - t0
-        loss_sum, wrong = processes.sum(loss_sum), processes.sum(wrong)
-        if not processes.main:  # the others go on to the next epoch and wait there for rank 0
-            continue
-        test_error = 100.0 - top1(model, x_test, y_test, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True)
-        val_error = 100.0 - top1(model, x_val, y_val, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True) \
-            if len(y_val) else float("nan")
-        t1 = time.perf_counter()
-        if config.probe_every and epoch % config.probe_every == 0:
-            history_csv += _csv(HISTORY_FIELDS, _history_rows(epoch, _probe(model, probe_x, probe_y)), header=False)
-        probe_s = time.perf_counter() - t1
-        wall += time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": float(loss_sum) / len(y_train), "train_error": 100.0 * int(wrong) / len(y_train),
-               "test_error": test_error, "val_error": val_error, "lr": lr, "images_per_s": len(y_train) / train_s,
-               "epoch_s": time.perf_counter() - t0, "probe_s": probe_s, "wall_s": wall}
-        epochs_csv += _csv(EPOCH_FIELDS, [row], header=False)
-        summary = {"epochs": epoch, "train_error": row["train_error"], "top1": 100.0 - test_error, "wall_s": wall}
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                 "epoch": epoch, "wall_s": wall, "epochs_csv": epochs_csv, "history_csv": history_csv,
-                 "summary": summary, "config": _config_dict(config)}
-        with atomic_path(state_path) as tmp:
-            torch.save(state, tmp)
-        write_text(epochs_path(config.out), epochs_csv)
-        write_text(history_path(config.out), history_csv)
-        print(f"{config.arch} epoch {epoch}/{rc.epochs}: loss {row['train_loss']:.3f}, train error "
-              f"{row['train_error']:.2f}%, test error {test_error:.2f}%, {row['images_per_s']:.0f} img/s, "
-              f"probe {probe_s:.1f}s", flush=True)
-    if not processes.main:
-        return config.out
-    save_checkpoint(config.out, model, config.arch, {}, meta | summary)
-    write_text(epochs_path(config.out), epochs_csv)
-    write_text(history_path(config.out), history_csv)
+    precision = _choose_precision(model, config, device, processes, state)
+    run = _Run(model, processes.wrap(model), optimizer, generator, (x_all[keep], y_all[keep]),
+               (x_all[~keep], y_all[~keep]), to_tensors(test_set, device=device),
+               to_tensors(test_set, config.probe_images, device, seed=config.seed),
+               _meta(config, train_set) | {"processes": processes.size}, precision)
+    if state is not None:
+        run.epoch, run.wall, run.summary = state["epoch"], state["wall_s"], state["summary"]
+        run.epochs_csv, run.history_csv = state["epochs_csv"], state["history_csv"]
+    elif processes.main:
+        run.epochs_csv = _csv(EPOCH_FIELDS, [])
+        run.history_csv = _csv(HISTORY_FIELDS, _history_rows(0, _probe(model, *run.probe, "train")))
+    return run
+
+
+def _choose_precision(model: nn.Module, config: TrainConfig, device: torch.device, processes: Processes,
+                      state: dict[str, Any] | None) -> Precision:
+    """The precision of this call's epochs, said in one line with the timings that chose it.
+
+    Several processes take bf16 only when all of them found it faster. A resumed run may switch
+    (it may continue on another machine); the line says so.
+    """
+    choice = choose(config.precision, device, _step(model, config.recipe.batch_size, device))
+    precision = choice.precision
+    if processes.active:
+        votes = processes.sum(torch.tensor(int(precision == "bf16"), device=device))
+        precision = "bf16" if int(votes) == processes.size else "fp32"
+    before = _last_precision(state["epochs_csv"]) if state is not None else None
+    if processes.main:
+        switch = f"; epochs 1-{state['epoch']} ran in {before}" if before and before != precision else ""
+        print(f"{config.arch}: {choice}{switch}", flush=True)
+    return precision
+
+
+def _step(model: nn.Module, batch_size: int, device: torch.device) -> Callable[[Precision], None]:
+    """One forward-backward of a copy of `model` on a fixed random batch: the unit `precision.choose` times."""
+    twin = copy.deepcopy(model).train()
+    x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def step(precision: Precision) -> None:
+        with autocast(device, precision):
+            loss = F.cross_entropy(twin(x), y)
+        loss.backward()
+        twin.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _last_precision(epochs_csv: str) -> str | None:
+    rows = list(csv.DictReader(io.StringIO(epochs_csv)))
+    return rows[-1].get("precision") if rows else None
+
+
+def _train_epoch(run: _Run, config: TrainConfig, epoch: int, processes: Processes) -> tuple[float, float, float]:
+    """One pass over the shuffled training images; returns the mean loss, error in percent and images/s."""
+    rc, (x_train, y_train) = config.recipe, run.train
+    device = y_train.device
+    steps = math.ceil(len(y_train) / rc.batch_size)
+    t0 = time.perf_counter()
+    run.net.train()
+    perm = torch.randperm(len(y_train), generator=run.generator).to(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.long, device=device)
+    quiet = not (config.progress and processes.main) or None
+    for i in tqdm(range(steps), desc=f"epoch {epoch}/{rc.epochs}", leave=False, disable=quiet):
+        idx = perm[i * rc.batch_size:(i + 1) * rc.batch_size]
+        mine = processes.shard(len(idx))  # this process's share of the batch: all of it in one process
+        x = normalize(augment(x_train[idx], run.generator)[mine], CIFAR_MEAN, CIFAR_STD).contiguous(
+            memory_format=torch.channels_last)
+        y = y_train[idx][mine]
+        run.lr = lr_at(rc, (epoch - 1) * steps + i, steps * rc.epochs, config.arch)
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.lr
+        with autocast(device, run.precision):
+            logits = run.net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=rc.label_smoothing)
+        run.optimizer.zero_grad(set_to_none=True)
+        # DDP averages the processes' gradients; weighting each by its share of the batch makes the step that
+        # of the whole batch's mean loss even when the batch splits unevenly (the weight is 1 in one process)
+        (loss * (len(y) * processes.size / len(idx))).backward()
+        run.optimizer.step()
+        loss_sum += loss.detach().double() * len(y)
+        wrong += (logits.detach().argmax(1) != y).sum()
+    images_per_s = len(y_train) / (time.perf_counter() - t0)
+    loss_sum, wrong = processes.sum(loss_sum), processes.sum(wrong)
+    return float(loss_sum) / len(y_train), 100.0 * int(wrong) / len(y_train), images_per_s
+
+
+def _record_epoch(run: _Run, config: TrainConfig, epoch: int, t0: float, loss: float, train_error: float,
+                  images_per_s: float) -> None:
+    """Test and validation error, the response probe (both BN modes), and one line of the epoch log."""
+    model = run.model
+    test_error = 100.0 - top1(model, *run.test, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True)
+    val_error = 100.0 - top1(model, *run.val, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True) \
+        if len(run.val[1]) else float("nan")
+    t1 = time.perf_counter()
+    if config.probe_every and epoch % config.probe_every == 0:
+        rows = [r for mode in ("eval", "train") for r in _history_rows(epoch, _probe(model, *run.probe, mode))]
+        run.history_csv += _csv(HISTORY_FIELDS, rows, header=False)
+    probe_s = time.perf_counter() - t1
+    run.wall += time.perf_counter() - t0
+    row = {"epoch": epoch, "train_loss": loss, "train_error": train_error, "test_error": test_error,
+           "val_error": val_error, "lr": run.lr, "precision": run.precision, "images_per_s": images_per_s,
+           "epoch_s": time.perf_counter() - t0, "probe_s": probe_s, "wall_s": run.wall}
+    run.epochs_csv += _csv(EPOCH_FIELDS, [row], header=False)
+    run.epoch = epoch
+    run.summary = {"epochs": epoch, "train_error": train_error, "top1": 100.0 - test_error, "wall_s": run.wall}
+    print(f"{config.arch} epoch {epoch}/{config.recipe.epochs}: loss {loss:.3f}, train error {train_error:.2f}%, "
+          f"test error {test_error:.2f}%, {images_per_s:.0f} img/s ({run.precision}), probe {probe_s:.1f}s", flush=True)
+
+
+def _save_state(run: _Run, config: TrainConfig, state_path: Path) -> None:
+    """The resumable state, then the logs beside the checkpoint; each file atomically."""
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "generator": run.generator.get_state(), "epoch": run.epoch, "wall_s": run.wall,
+             "epochs_csv": run.epochs_csv, "history_csv": run.history_csv, "summary": run.summary,
+             "config": _config_dict(config)}
+    with atomic_path(state_path) as tmp:
+        torch.save(state, tmp)
+    write_text(epochs_path(config.out), run.epochs_csv)
+    write_text(history_path(config.out), run.history_csv)
+
+
+def _save_final(run: _Run, config: TrainConfig) -> None:
+    precisions = list(dict.fromkeys(r["precision"] for r in csv.DictReader(io.StringIO(run.epochs_csv))))
+    meta = run.meta | (run.summary or {"epochs": 0}) | {"precision": "+".join(precisions)}
+    save_checkpoint(config.out, run.model, config.arch, _arch_kwargs(config.arch, config.recipe), meta)
+    write_text(epochs_path(config.out), run.epochs_csv)
+    write_text(history_path(config.out), run.history_csv)
     print(f"wrote {config.out}", flush=True)
-    return config.out
+
+
+def _arch_kwargs(arch: str, recipe: Recipe) -> dict[str, Any]:
+    """Constructor arguments a recipe asks of the architecture (the checkpoint records them to rebuild it)."""
+    if recipe.head == "linear":
+        return {}
+    if not is_cifar(arch):
+        raise LayerProbeError(f"head {recipe.head!r} is built for the CIFAR networks only, not {arch}")
+    return {"head": recipe.head}
 
 
 def _read_state(path: Path, config: TrainConfig) -> dict[str, Any]:
@@ -271,14 +428,16 @@ def epochs_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.epochs.csv")
 
 
-def _probe(model: nn.Module, images: Tensor, labels: Tensor) -> Responses:
-    return measure_responses(model, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=500), progress=False)
+def _probe(model: nn.Module, images: Tensor, labels: Tensor, bn_mode: Literal["eval", "train"]) -> Responses:
+    return measure_responses(model, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=500, bn_mode=bn_mode),
+                             progress=False)
 
 
 def _history_rows(epoch: int, responses: Responses) -> list[dict[str, Any]]:
     ratio = {b.branch_out: b.ratio_mean for b in responses.blocks}
-    return [{"epoch": epoch, "index": s.index, "name": s.name, "role": s.role, "std": s.std,
-             "ratio": ratio.get(s.name, "")} for s in responses.sites]
+    mode = responses.meta["bn_mode"]
+    return [{"epoch": epoch, "bn_mode": mode, "index": s.index, "name": s.name, "role": s.role, "stage": s.stage,
+             "block": s.block, "std": s.std, "ratio": ratio.get(s.name, "")} for s in responses.sites]
 
 
 def _csv(fields: tuple[str, ...], rows: list[dict[str, Any]], header: bool = True) -> str:

@@ -52,11 +52,13 @@ def test_training_lowers_the_loss_and_writes_checkpoint_logs_and_history(tmp_pat
     assert ckpt.meta["dataset"] == tree.name  # the data's name, not this machine's absolute path
     assert len(ckpt.meta["dataset_sha256"]) == 64 and ckpt.meta["top1"] == pytest.approx(100 - log["test_error"].iloc[-1])
     history = pd.read_csv(history_path(cfg.out))
-    assert sorted(set(history["epoch"])) == [0, 1, 2, 3, 4] and len(history) == 5 * 7
+    assert sorted(set(history["epoch"])) == [0, 1, 2, 3, 4] and len(history) == (1 + 4 * 2) * 7
+    # epoch 0 with batch statistics only (an untrained net's running statistics are BN's defaults), then both
+    assert history.groupby("epoch")["bn_mode"].apply(sorted).tolist() == [["train"] * 7] + [["eval"] * 7 + ["train"] * 7] * 4
     assert history[(history.role == "branch_out")]["ratio"].notna().all()
 
 
-def test_epoch0_history_equals_a_separate_probe_run(tmp_path, tree):
+def test_epoch0_history_is_batch_statistics_of_the_seeded_initialisation(tmp_path, tree):
     cfg = config(tmp_path, tree, recipe=replace(TINY, epochs=0))
     train(cfg)
     history = pd.read_csv(history_path(cfg.out))
@@ -64,8 +66,12 @@ def test_epoch0_history_equals_a_separate_probe_run(tmp_path, tree):
     from layer_probe.models import build_model
     fresh = build_model("resnet8").eval()  # the same seeded initialisation, probed independently
     images, labels = to_tensors(load_cifar10(tree, "test"), cfg.probe_images, seed=cfg.seed)
-    r = measure_responses(fresh, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=7), progress=False)
+    r = measure_responses(fresh, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=500, bn_mode="train"),
+                          progress=False)
+    assert set(history["bn_mode"]) == {"train"}
     assert history["std"].tolist() == pytest.approx(r.std(), rel=1e-6)
+    # known answer: BN with γ = 1, β = 0 on batch statistics outputs unit variance, up to its eps
+    assert history["std"].tolist() == pytest.approx([1.0] * len(history), abs=1e-3)
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tree):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Shortcut = Literal["A", "B"]
+Head = Literal["linear", "normalized"]
 
 
 class ShortcutA(nn.Module):
@@ -68,11 +69,13 @@ class BasicBlock(nn.Module):
 class CifarNet(nn.Module):
     """The 6n+2-layer CIFAR network, residual or plain. Input [N, 3, 32, 32] -> logits [N, 10]."""
 
-    def __init__(self, n: int, *, residual: bool = True, shortcut: Shortcut = "A",
+    def __init__(self, n: int, *, residual: bool = True, shortcut: Shortcut = "A", head: Head = "linear",
                  num_classes: int = 10):
         super().__init__()
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        if head not in ("linear", "normalized"):
+            raise ValueError(f"head must be 'linear' or 'normalized', got {head!r}")
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages, in_planes = [], 16
@@ -82,6 +85,9 @@ class CifarNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
             in_planes = planes
         self.layer1, self.layer2, self.layer3 = stages
+        # "normalized": the classifier sees unit-scale pooled features whatever the last block's scale
+        # (an ablation: does the rise of the last layers' std serve the classifier's need for scale?)
+        self.head_bn = nn.BatchNorm1d(64, affine=False) if head == "normalized" else None
         self.linear = nn.Linear(64, num_classes)
         _he_init(self)
 
@@ -91,7 +97,8 @@ class CifarNet(nn.Module):
 
     def head(self, out: torch.Tensor) -> torch.Tensor:
         """Global average pooling and the classifier: last block's output [N, 64, 8, 8] -> logits."""
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(self.head_bn(pooled) if self.head_bn is not None else pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
@@ -107,8 +114,8 @@ def _he_init(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def cifar_net(depth: int, *, residual: bool, shortcut: Shortcut = "A") -> CifarNet:
+def cifar_net(depth: int, *, residual: bool, shortcut: Shortcut = "A", head: Head = "linear") -> CifarNet:
     """Build the depth-`depth` CIFAR network; depth must be 6n+2."""
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"CIFAR depth must be 6n+2 (8, 20, 32, 44, 56, 110, ...), got {depth}")
-    return CifarNet((depth - 2) // 6, residual=residual, shortcut=shortcut)
+    return CifarNet((depth - 2) // 6, residual=residual, shortcut=shortcut, head=head)
