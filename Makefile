@@ -1,17 +1,15 @@
 # Set-up and main jobs. `make demo` and `make test` create the environment when it is missing.
 VENV ?= .venv
 BIN := $(VENV)/bin
-SHARED := ../shared
-# Data: $LAYER_PROBE_DATA if set, else the JPEG CIFAR-10 archive beside the project when present.
-# Absolute, because notebook kernels run in notebooks/.
-LAYER_PROBE_DATA ?= $(wildcard $(SHARED)/datasets/cifar10-jpeg.tar.gz)
+# Data: found by layer_probe.data.resolve_data (README, "Data"). A $LAYER_PROBE_DATA given here is made
+# absolute, because notebook kernels run in notebooks/.
+ifdef LAYER_PROBE_DATA
 override LAYER_PROBE_DATA := $(abspath $(LAYER_PROBE_DATA))
 export LAYER_PROBE_DATA
-DEMO_CKPT ?= $(firstword $(wildcard checkpoints/resnet56.pt) $(SHARED)/checkpoints/akamaster/resnet20-12fca82f.th)
-DEMO_ARCH := $(if $(findstring akamaster,$(DEMO_CKPT)),--arch resnet20,)
+endif
 ARCHS ?= resnet20 plain20 resnet56 plain56 resnet110
 
-.PHONY: env demo test checkpoints ablations faithful replicates notebooks
+.PHONY: env demo test lab checkpoints card ablations faithful replicates notebooks
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
+# With no CIFAR-10 found, --download fetches it (about 170 MB) into ~/.cache/layer-probe/cifar10 first.
 demo: env
-	$(BIN)/layer-probe responses $(DEMO_CKPT) $(DEMO_ARCH) --limit 2000 --plot out/fig7.png --out out
+	$(BIN)/layer-probe responses checkpoints/resnet56.pt --download --limit 2000 --plot out/fig7.png --out out
 
 test: env
 	$(BIN)/pytest
@@ -29,7 +28,12 @@ test: env
 # The five networks of Fig. 7, one after another; rerunning continues where a run stopped.
 checkpoints: env
 	for arch in $(ARCHS); do $(BIN)/layer-probe train --arch $$arch --recipe fast --resume || exit 1; done
-	$(BIN)/layer-probe checkpoints --write checkpoints
+	$(MAKE) card
+
+# checkpoints/README.md and training_curves.png for every finished run in checkpoints/
+card: env
+	$(BIN)/layer-probe checkpoints --write checkpoints \
+		$(wildcard checkpoints/*.pt checkpoints/ablations/*.pt checkpoints/faithful/*.pt)
 
 # Which training choices make Fig. 7: resnet20 ablations paired with the shipped (fast) resnet20, the five networks
 # under the faithful recipe, and seed replicates. Each run continues where it stopped; one at a time.
@@ -46,6 +50,10 @@ replicates: env
 	for seed in 1 2; do for arch in resnet20 plain20; do \
 		$(TRAIN) --arch $$arch --recipe faithful --seed $$seed --out checkpoints/faithful/$$arch-seed$$seed.pt || exit 1; \
 	done; done
+
+# JupyterLab on the notebooks; they find the data themselves (README, "Data").
+lab: env
+	$(BIN)/jupyter lab notebooks/
 
 # Execute every notebook in place on all 10,000 test images (the committed outputs come from this).
 notebooks: env

@@ -220,15 +220,20 @@ def benchmark(args: argparse.Namespace, arch: str) -> None:
 
 
 def machine(device: str) -> str:
-    """The GPU's name, or the CPU's model name and core count."""
+    """The GPU's name, or the CPU's model name, core count and the instruction sets that decide bf16's speed."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
+            first = f.read().split("\n\n")[0].splitlines()  # the first processor's entry
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
+        name, flags = info["model name"], set(info.get("flags", "").split())
+    except (OSError, KeyError):
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    capped = [f"{v}={os.environ[v]}" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if v in os.environ]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}" + (f" (capped: {' '.join(capped)})" if capped else "")
 
 
 def main() -> None:

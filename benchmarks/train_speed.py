@@ -2,7 +2,8 @@
 
 - fast: what `layer-probe train --recipe fast` does per step: uint8 images held as one tensor,
   `train.augment` (pad-4 crop and flip drawn per image, on tensors), `data.normalize`,
-  channels_last, bf16 autocast.
+  channels_last, and the precision `train` would choose on this machine (`--precision auto`:
+  bf16 autocast only where it times faster than fp32; printed per model).
 - plain: the usual CIFAR pipeline: a Dataset of PIL images, torchvision's RandomCrop(32, padding=4),
   RandomHorizontalFlip, ToTensor and Normalize per image in DataLoader workers, fp32, default
   memory format.
@@ -28,12 +29,13 @@ from torch import Tensor, nn
 
 from layer_probe.data import CIFAR_MEAN, CIFAR_STD, normalize
 from layer_probe.models import build_model
-from layer_probe.train import augment
+from layer_probe.precision import autocast, choose
+from layer_probe.train import augment, step_timer
 from probe_overhead import machine
 
 
-def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, bf16: bool) -> None:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, precision: str) -> None:
+    with autocast(x.device, precision):
         loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -79,15 +81,20 @@ def plain_batches(images: Tensor, labels: Tensor, batch_size: int, device: str, 
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def images_per_s(arch: str, recipe: str, args: argparse.Namespace) -> float:
+def images_per_s(arch: str, recipe: str, args: argparse.Namespace) -> tuple[float, str]:
+    """Images/s of `recipe`'s steps, and the precision they ran in."""
     g = torch.Generator().manual_seed(0)
     n = (args.warmup + args.steps) * args.batch_size
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
     torch.manual_seed(0)
     model = build_model(arch).to(args.device).train()
+    precision = "fp32"
     if recipe == "fast":
         model = model.to(memory_format=torch.channels_last)
+        choice = choose(args.precision, torch.device(args.device), step_timer(model, args.batch_size, torch.device(args.device)))
+        print(f"  {arch} fast: {choice}", flush=True)
+        precision = choice.precision
         batches = fast_batches(images, labels, args.batch_size, args.device)
     else:
         batches = plain_batches(images, labels, args.batch_size, args.device, args.workers)
@@ -97,10 +104,10 @@ def images_per_s(arch: str, recipe: str, args: argparse.Namespace) -> float:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        step(model, optimizer, x, y, bf16=recipe == "fast")
+        step(model, optimizer, x, y, precision)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - t0)
+    return args.steps * args.batch_size / (time.perf_counter() - t0), precision
 
 
 def main() -> None:
@@ -111,14 +118,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain pipeline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="of the fast path")
     args = parser.parse_args()
     print(f"# training speed: torch {torch.__version__}, {machine(args.device)}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.steps} timed steps after "
           f"{args.warmup}, {args.workers} DataLoader workers for plain")
-    print(f"{'model':<10} {'plain fp32 img/s':>17} {'fast img/s':>11} {'speed-up':>9}")
+    rows = []
     for arch in args.models:
-        plain, fast = images_per_s(arch, "plain", args), images_per_s(arch, "fast", args)
-        print(f"{arch:<10} {plain:>17.0f} {fast:>11.0f} {fast / plain:>8.2f}x")
+        (plain, _), (fast, precision) = images_per_s(arch, "plain", args), images_per_s(arch, "fast", args)
+        rows.append(f"{arch:<10} {plain:>17.0f} {fast:>11.0f} {precision:>10} {fast / plain:>8.2f}x")
+    print(f"{'model':<10} {'plain fp32 img/s':>17} {'fast img/s':>11} {'fast in':>10} {'speed-up':>9}", *rows, sep="\n")
 
 
 if __name__ == "__main__":

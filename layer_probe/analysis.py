@@ -15,23 +15,26 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy import stats as sps
 from torch import Tensor, nn
 
-from .data import batches, subset
+from .data import subset
 from .files import write_text
-from .models import depth_of, is_plain
-from .probe import Recording, run_probe
-from .results import ProbeConfig, Responses, summarize
+from .measurement import ProbeConfig, image_batches, measure_pass
+from .probe import Recording
+from .results import Responses
 from .sites import Layout, find_sites
 from .stats import Moments
 from .surgery import lesion_deltas
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 THRESHOLDS = (0.1, 0.25, 0.5)  # ||F(x)||/||x|| below which a block counts as "close to zero"
 
@@ -177,16 +180,18 @@ def bootstrap_std(batch: Moments, weights: Tensor, axes: str = "all") -> Tensor:
     return per_channel.reduce(1).std() if axes == "all" else per_channel.std().mean(1)
 
 
-def rise(stds: Sequence[float], low_high: np.ndarray, layout: Layout, k: int = 1) -> tuple[float, float, float]:
-    """(point, low, high): mean std of the last k sites over the median std of the rest, with its CI.
+def rise_ratio(stds: Sequence[float] | np.ndarray, k: int = 1) -> float | np.ndarray:
+    """Fig. 7's rise: mean std of the last k sites over the median std of the rest. stds: [..., S] -> [...]."""
+    stds = np.asarray(stds, dtype=float)
+    return stds[..., -k:].mean(-1) / np.median(stds[..., :-k], axis=-1)
 
-    low_high: [R, S] bootstrap stds of the S sites.
-    """
+
+def rise(stds: Sequence[float], boot: np.ndarray, k: int = 1) -> tuple[float, float, float]:
+    """(point, low, high): `rise_ratio` with its 95% CI from the bootstrap stds `boot` [R, S] of the S sites."""
     if not 1 <= k < len(stds):
         raise ValueError(f"rise needs 1 <= k < {len(stds)} sites, got k={k}")
-    point = float(np.mean(stds[-k:]) / np.median(stds[:-k]))
-    boot = low_high[:, -k:].mean(1) / np.median(low_high[:, :-k], axis=1)
-    return point, float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+    b = rise_ratio(boot, k)
+    return float(rise_ratio(stds, k)), float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))
 
 
 def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
@@ -196,11 +201,11 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
 
     `layout` is the model's selected sites when already known (default: `config.probe.sites`).
     """
-    pc = config.probe
+    pc = replace(config.probe, ratios=True)
     layout = layout or find_sites(model).select(pc.sites)
-    result = run_probe(model, layout, batches(images, labels, pc.batch_size, mean, std), bn_mode=pc.bn_mode,
-                       ratios=True, total=len(labels), amp=pc.amp, progress=progress, compiled=pc.compiled)
-    responses = summarize(result, axes=pc.axes, meta=(meta or {}) | {"sites_rule": pc.sites, "bn_mode": pc.bn_mode})
+    responses, result = measure_pass(model, image_batches(images, labels, mean, std, pc.batch_size), pc,
+                                     meta={"batch_size": pc.batch_size} | (meta or {}), layout=layout,
+                                     total=len(labels), progress=progress)
     rec: Recording = result.recording
     n_batches = len(next(iter(rec.batches.values())))
     weights = bootstrap_weights(n_batches, config.bootstrap, config.seed)
@@ -225,7 +230,7 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
                                  gamma_std(modules[block.branch_out]), r.ratio_mean if r else nan,
                                  r.ratio_p05 if r else nan, r.ratio_p95 if r else nan, r.cosine_mean if r else nan,
                                  delta))
-    point, lo, hi = rise(stds, boot, layout, config.rise_k)
+    point, lo, hi = rise(stds, boot, config.rise_k)
     analysis = Analysis(sites, tuple(blocks), Rise(config.rise_k, point, lo, hi, lo > 1.0, _stage_rises(sites, boot),
                                                    _rise_evidence(sites, blocks, config.rise_k)),
                         closeness([b.ratio_mean for b in blocks]),
@@ -241,15 +246,69 @@ def closeness(ratios: Sequence[float]) -> dict[str, float]:
     return {f"below_{t}": (sum(r < t for r in ratios) / len(ratios) if ratios else float("nan")) for t in THRESHOLDS}
 
 
+def decay_exponent(ratios: Sequence[float]) -> float:
+    """b in ||F(x)||/||x|| ≈ a·k^b over blocks k = 1..B in network order (least squares on logs).
+
+    At initialisation with batch statistics x grows along the residual stream while each F(x) stays
+    of unit scale, so the ratio falls with k (De & Smith 2020): the exponent says how much of a small
+    F(x) the architecture alone gives.
+    """
+    r = np.asarray(ratios, dtype=float)
+    k = np.arange(1, len(r) + 1)
+    ok = np.isfinite(r) & (r > 0)
+    return float(np.polyfit(np.log(k[ok]), np.log(r[ok]), 1)[0]) if ok.sum() >= 2 else float("nan")
+
+
+def closeness_summary(responses: Responses) -> dict[str, float]:
+    """Mean ||F(x)||/||x|| over blocks, the share below each threshold, and the decay exponent."""
+    ratios = [b.ratio_mean for b in responses.blocks]
+    finite = [r for r in ratios if not math.isnan(r)]
+    return {"mean_ratio": float(np.mean(finite)) if finite else float("nan"), **closeness(ratios),
+            "decay_exponent": decay_exponent(ratios)}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """How close F(x) is to zero in a trained network, and in the same architecture at initialisation.
+
+    The initial networks are measured with batch statistics (their running statistics are BN's
+    defaults); what the trained network has beyond them is learned, the rest is structural.
+    """
+
+    label: str
+    bn_mode: str  # of the trained network's measurement
+    seeds: int  # initialisations averaged
+    trained: dict[str, float]
+    init: dict[str, float]  # mean over the seeds
+    stages: tuple[dict[str, float], ...]  # per stage: mean ratio trained and at initialisation
+
+
+def baseline(trained: Responses, initial: Sequence[Responses]) -> Baseline:
+    """`closeness_summary` of `trained` next to its mean over `initial` (fresh networks, batch statistics)."""
+    inits = [closeness_summary(r) for r in initial]
+    stage_of = {s.name: s.stage for s in trained.sites}
+
+    def per_stage(r: Responses) -> dict[int, float]:
+        by = {}
+        for b in r.blocks:
+            by.setdefault(stage_of.get(b.branch_out, 0), []).append(b.ratio_mean)
+        return {k: float(np.nanmean(v)) for k, v in by.items()}
+
+    t, i = per_stage(trained), [per_stage(r) for r in initial]
+    stages = tuple({"stage": k, "trained": t[k], "init": float(np.mean([s.get(k, np.nan) for s in i]))}
+                   for k in sorted(t))
+    return Baseline(trained.label, trained.meta.get("bn_mode", "?"), len(initial), closeness_summary(trained),
+                    {k: float(np.mean([d[k] for d in inits])) for k in inits[0]} if inits else {}, stages)
+
+
 def _stage_rises(sites: Sequence[SiteStats], boot: np.ndarray) -> tuple[dict[str, Any], ...]:
+    """Per stage: its last site's std over the median of its other sites, with the CI."""
     out = []
     for stage in sorted({s.stage for s in sites if s.stage > 0}):
         cols = [i for i, s in enumerate(sites) if s.stage == stage]
         if len(cols) < 2:
             continue
-        point = sites[cols[-1]].std / float(np.median([sites[i].std for i in cols[:-1]]))
-        b = boot[:, cols[-1]] / np.median(boot[:, cols[:-1]], axis=1)
-        lo, hi = float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))
+        point, lo, hi = rise([sites[i].std for i in cols], boot[:, cols])
         out.append({"stage": stage, "last": sites[cols[-1]].name, "ratio": point, "low": lo, "high": hi,
                     "rises": lo > 1.0})
     return tuple(out)
@@ -281,24 +340,22 @@ def _gamma_fit(measured: Sequence[float], predicted: Sequence[float], z_vars: Se
 
 @dataclass(frozen=True)
 class ClaimTest:
-    """One statistical test of a claim read off Fig. 7."""
+    """One statistical test of a claim read off Fig. 7, on networks measured under one BN mode.
 
+    The sites of one network are not independent samples, so p-values over sites are descriptive:
+    the unit of replication is the trained network (see `claims_by_seed`).
+    """
+
+    key: str  # e.g. "resnet_below_plain_20", "deeper_resnets_lower"
     claim: str
     models: str
+    bn_mode: str  # eval: BN running statistics; train: batch statistics
     test: str
     statistic: float
-    p_value: float
+    p_value: float  # descriptive (sites are not independent)
     effect: float
     effect_name: str
-    holds: bool  # p < alpha in the claimed direction
-
-
-def _depth(r: Responses) -> int:
-    return depth_of(r.meta.get("arch", ""))
-
-
-def _is_plain(r: Responses) -> bool:
-    return is_plain(r.meta.get("arch", ""))
+    holds: bool  # resnet_below_plain: p < alpha in the claimed direction; deeper_resnets_lower: means and medians fall
 
 
 def resnet_vs_plain(resnet: Responses, plain: Responses, alpha: float = 0.05) -> ClaimTest:
@@ -317,23 +374,42 @@ def resnet_vs_plain(resnet: Responses, plain: Responses, alpha: float = 0.05) ->
         ranks = sps.rankdata(np.abs(nonzero))
         effect = float((ranks[nonzero < 0].sum() - ranks[nonzero > 0].sum()) / ranks.sum())
         statistic, p = float(res.statistic), float(res.pvalue)
-    return ClaimTest("ResNet std < plain std at matched layers", f"{resnet.label} vs {plain.label}",
-                     "Wilcoxon signed-rank, one-sided, paired by layer index", statistic, p, effect,
+    return ClaimTest(f"resnet_below_plain_{resnet.depth}", "ResNet std < plain std at matched layers",
+                     f"{resnet.label} vs {plain.label}", resnet.meta.get("bn_mode", "?"),
+                     "Wilcoxon signed-rank, one-sided, paired by layer index (descriptive)", statistic, p, effect,
                      "rank-biserial r", p < alpha)
 
 
 def depth_trend(resnets: Sequence[Responses], alpha: float = 0.05) -> ClaimTest:
-    """Spearman correlation between depth and per-site std over all sites of the ResNets (one-sided, negative)."""
-    depths = np.concatenate([[_depth(r)] * len(r) for r in resnets])
-    stds = np.concatenate([r.std() for r in resnets])
-    res = sps.spearmanr(depths, stds, alternative="less")
-    means = [float(np.mean(r.std())) for r in sorted(resnets, key=_depth)]
-    medians = [float(np.median(r.std())) for r in sorted(resnets, key=_depth)]
+    """Do deeper ResNets respond less? Holds when both the mean and the median std fall with every step in depth.
+
+    With one network per depth that is all the evidence there is; the Spearman correlation of depth and
+    std over the pooled sites is given as a description, its p-value not as evidence (the sites of one
+    network are not independent, and three networks are three samples). `alpha` is kept for symmetry.
+    """
+    ordered = sorted(resnets, key=lambda r: r.depth)
+    depths = np.concatenate([[r.depth] * len(r) for r in ordered])
+    res = sps.spearmanr(depths, np.concatenate([r.std() for r in ordered]), alternative="less")
+    means = [float(np.mean(r.std())) for r in ordered]
+    medians = [float(np.median(r.std())) for r in ordered]
     monotone = all(a > b for a, b in zip(means, means[1:])) and all(a > b for a, b in zip(medians, medians[1:]))
-    return ClaimTest("deeper ResNets have smaller responses", " > ".join(r.label for r in sorted(resnets, key=_depth)),
-                     f"Spearman over sites (depth vs std), one-sided; means {[round(m, 3) for m in means]}, "
-                     f"medians {[round(m, 3) for m in medians]}", float(res.statistic), float(res.pvalue),
-                     float(res.statistic), "Spearman rho", bool(res.pvalue < alpha and monotone))
+    return ClaimTest("deeper_resnets_lower", "deeper ResNets have smaller responses",
+                     " > ".join(r.label for r in ordered), ordered[0].meta.get("bn_mode", "?"),
+                     f"mean and median std fall with depth: means {[round(m, 3) for m in means]}, medians "
+                     f"{[round(m, 3) for m in medians]}; Spearman over pooled sites (descriptive)",
+                     float(res.statistic), float(res.pvalue), float(res.statistic), "Spearman rho", monotone)
+
+
+def claims_table(comparisons: Sequence[Comparison]) -> pd.DataFrame:
+    """Each claim under each BN mode compared (one `Comparison` per mode): claim, bn_mode, statistic, p_value,
+    effect, holds, and `holds_in_every_mode`."""
+    import pandas as pd
+
+    frame = pd.concat([c.tests_dataframe() for c in comparisons], ignore_index=True)
+    every = frame.groupby("key")["holds"].transform("all")
+    return frame.rename(columns={"key": "claim", "claim": "reading"}).assign(holds_in_every_mode=every)[
+        ["claim", "bn_mode", "models", "statistic", "p_value", "effect", "effect_name", "holds", "holds_in_every_mode",
+         "reading", "test"]]
 
 
 @dataclass(frozen=True)
@@ -347,7 +423,8 @@ class Comparison:
     def tests_dataframe(self):  # noqa: ANN201
         import pandas as pd
 
-        return pd.DataFrame([asdict(t) for t in self.tests], columns=[f.name for f in fields(ClaimTest)])
+        return pd.DataFrame([asdict(t) for t in self.tests], columns=[f.name for f in fields(ClaimTest)],
+                            dtype=object).infer_objects()
 
     def to_json(self) -> str:
         return json.dumps({"tests": [asdict(t) for t in self.tests], "closeness": self.closeness,
@@ -362,12 +439,12 @@ class Comparison:
 def compare(models: Sequence[Responses], alpha: float = 0.05) -> Comparison:
     """Test Fig. 7's readings on `models`: each ResNet-n against plain-n, and the ResNets over depth."""
     tests = []
-    plains = {_depth(r): r for r in models if _is_plain(r)}
-    resnets = [r for r in models if not _is_plain(r)]
-    for r in sorted(resnets, key=_depth):
-        if _depth(r) in plains:
-            tests.append(resnet_vs_plain(r, plains[_depth(r)], alpha))
-    if len({_depth(r) for r in resnets}) >= 2:
+    plains = {r.depth: r for r in models if not r.residual}
+    resnets = [r for r in models if r.residual]
+    for r in sorted(resnets, key=lambda r: r.depth):
+        if r.depth in plains:
+            tests.append(resnet_vs_plain(r, plains[r.depth], alpha))
+    if len({r.depth for r in resnets}) >= 2:
         tests.append(depth_trend(resnets, alpha))
     close = {r.label: closeness([b.ratio_mean for b in r.blocks]) for r in models}
     summary = tuple({"label": r.label, "arch": r.meta.get("arch"), "sites": len(r), "mean_std": float(np.mean(r.std())),
@@ -403,14 +480,27 @@ def format_analysis(analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
+def format_baselines(baselines: Sequence[Baseline]) -> str:
+    """Trained against initialised: mean ||F(x)||/||x||, share below 0.5 and the decay exponent, per model and BN mode."""
+    lines = [f"{'model':<12} {'BN':<5} {'mean ‖F‖/‖x‖':>13} {'<0.5':>6} {'exponent':>9}   "
+             f"{'at init (batch statistics, mean of seeds)':<40}",
+             f"{'':<12} {'':<5} {'trained':>13} {'':>6} {'':>9}   {'mean':>6} {'<0.5':>6} {'exponent':>9}"]
+    for b in baselines:
+        t, i = b.trained, b.init
+        lines.append(f"{b.label:<12} {b.bn_mode:<5} {t['mean_ratio']:>13.3f} {t['below_0.5']:>6.0%} "
+                     f"{t['decay_exponent']:>9.2f}   {i['mean_ratio']:>6.3f} {i['below_0.5']:>6.0%} "
+                     f"{i['decay_exponent']:>9.2f}")
+    return "\n".join(lines)
+
+
 def format_comparison(comparison: Comparison) -> str:
     """Per-model summary and the claim tests, as text."""
     lines = [f"{'model':<12} {'top-1':>7} {'mean std':>9} {'median std':>11} {'‖F‖/‖x‖<0.5':>12}"]
     for s in comparison.summary:
         share = comparison.closeness[s["label"]]["below_0.5"]
         lines.append(f"{s['label']:<12} {s['top1']:>7.2f} {s['mean_std']:>9.3f} {s['median_std']:>11.3f} {share:>12.0%}")
-    lines += ["", f"{'claim':<42} {'models':<36} {'statistic':>10} {'p':>9} {'effect':>14}  holds"]
+    lines += ["", f"{'claim':<24} {'models':<36} {'statistic':>10} {'p (descr.)':>10} {'effect':>14}  holds"]
     for t in comparison.tests:
-        lines.append(f"{t.claim:<42} {t.models:<36} {t.statistic:>10.3f} {t.p_value:>9.2g} "
+        lines.append(f"{t.key:<24} {t.models:<36} {t.statistic:>10.3f} {t.p_value:>10.2g} "
                      f"{t.effect_name[:8]:>8} {t.effect:>5.2f}  {'yes' if t.holds else 'no'}")
     return "\n".join(lines)

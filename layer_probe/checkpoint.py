@@ -3,7 +3,9 @@
 The project's format is a dict that carries everything needed to rebuild the model:
 `{"format": "layer-probe/1", "arch": "resnet56", "arch_kwargs": {...}, "state_dict": {...},
 "meta": {...}}`. Files are always read with `torch.load(weights_only=True)`: a file that
-needs arbitrary unpickling is refused and nothing in it runs.
+needs arbitrary unpickling is refused and nothing in it runs. Other layouts load too: a bare
+state_dict, one under 'state_dict', 'model' or 'net', keys with DataParallel's `module.` or
+Lightning's `model.` prefix, and `.safetensors` files.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data import IMAGENET_MEAN, IMAGENET_STD, repository_root
 from .errors import LayerProbeError
 from .files import atomic_path
 from .models import build_model, is_cifar
 
 FORMAT = "layer-probe/1"
+STATE_KEYS = ("state_dict", "model", "net")  # where training scripts put the weights
+PREFIXES = ("module.", "model.")  # DataParallel / DistributedDataParallel, PyTorch Lightning
 
 
 @dataclass(frozen=True)
@@ -90,14 +94,61 @@ def torch_load(path: str | Path) -> Any:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file's contents (see `torch_load`) as a dict with a 'state_dict'; a bare state_dict is wrapped."""
-    obj = torch_load(path)
+    """A checkpoint file's contents (see `torch_load`) as a dict with a 'state_dict'.
+
+    A bare state_dict is wrapped, and one found under 'model' or 'net' is moved to 'state_dict'.
+    """
+    obj = _read_safetensors(path) if str(path).endswith(".safetensors") else torch_load(path)
     if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
         return {"state_dict": obj}
-    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+    key = next((k for k in STATE_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+    if key is None:
         raise LayerProbeError(f"{path}: holds a {type(obj).__name__} without a 'state_dict'; expected a state_dict "
-                              "or a dict with one")
-    return obj
+                              f"or a dict with one under {', '.join(repr(k) for k in STATE_KEYS)}")
+    return obj | {"state_dict": obj[key]}
+
+
+def _read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a .safetensors file (which holds nothing else, so nothing in it can run)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise LayerProbeError(f"{path}: reading .safetensors needs the safetensors package: "
+                              "pip install safetensors") from None
+    path = Path(path)
+    if not path.is_file():
+        raise LayerProbeError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LayerProbeError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def strip_prefixes(state: dict[str, Tensor], expected: set[str] | None = None) -> dict[str, Tensor]:
+    """Drop `module.` / `model.` prefixes shared by every key, while the keys do not fit `expected` (if given)."""
+    while state and (expected is None or not expected & state.keys()):
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(path: str | Path, model: nn.Module, label: str, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load the weights in `path` into `model` (a user's or a library's network) after the same checks.
+
+    Args:
+        label: what the model is called in messages and outputs, e.g. "timm:seresnet18".
+    """
+    obj = read_file(path)
+    _check_entries(path, obj["state_dict"])
+    state = strip_prefixes(obj["state_dict"], set(model.state_dict()))
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    _check_normalization(path, meta.get("normalization", {}))
+    _check_fit(path, model, state, label)
+    model.load_state_dict(state, strict=False)
+    return Checkpoint(model.to(device).eval(), label, {}, str(path), meta)
 
 
 def load_checkpoint(path: str | Path, arch: str | None = None, *, device: str | torch.device = "cpu",
@@ -112,7 +163,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, *, device: str | 
     """
     obj = read_file(path)
     _check_entries(path, obj["state_dict"])
-    state = {re.sub(r"^module\.", "", k): v for k, v in obj["state_dict"].items()}
+    state = strip_prefixes(obj["state_dict"])
     stored = obj.get("arch") if isinstance(obj.get("arch"), str) else None
     if stored and arch and arch != stored:
         raise LayerProbeError(f"{path}: the file says its architecture is {stored}, but --arch {arch} was given")
@@ -224,3 +275,19 @@ def _check_fit(path: str | Path, model: nn.Module, state: dict[str, Tensor], arc
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+FIG7 = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")  # the five networks of Fig. 7, as shipped
+
+
+def shipped(*, existing: bool = True) -> list[Path]:
+    """The shipped checkpoints of Fig. 7's networks, in `FIG7` order: `checkpoints/NAME.pt` of the repository
+    (of the working directory when the package is installed), only those that exist unless `existing=False`."""
+    folder = (repository_root() or Path.cwd()) / "checkpoints"
+    paths = [folder / f"{name}.pt" for name in FIG7]
+    return [p for p in paths if p.exists()] if existing else paths
+
+
+def load_shipped() -> dict[str, Checkpoint]:
+    """The shipped checkpoints that exist, loaded, by name: what the notebooks and `compare` start from."""
+    return {p.stem: load_checkpoint(p) for p in shipped()}

@@ -14,15 +14,15 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from .checkpoint import FIG7
 from .errors import LayerProbeError
 
 
-FIG7 = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
-
-
 def _shipped() -> list[str]:
-    """The default set: the five networks of Fig. 7 shipped in checkpoints/."""
-    return [str(Path("checkpoints") / f"{name}.pt") for name in FIG7]
+    """The default set: the five networks of Fig. 7 shipped in checkpoints/ (a missing one is an error later)."""
+    from .checkpoint import shipped
+
+    return [str(p) for p in shipped(existing=False)]
 
 
 def _device(name: str) -> str:
@@ -49,9 +49,12 @@ def _positive(text: str) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="CIFAR-10: cifar-10-batches-py folder, ImageFolder tree or .tar.gz "
-                                  "(default: $LAYER_PROBE_DATA)")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data first (needs network)")
+    p.add_argument("--data", help="CIFAR-10: cifar-10-batches-py folder, ImageFolder tree or .tar.gz (default: "
+                                  "$LAYER_PROBE_DATA, else ../shared/datasets/cifar10-jpeg.tar.gz beside the "
+                                  "repository, else $LAYER_PROBE_CACHE/cifar10, i.e. ~/.cache/layer-probe/cifar10)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch CIFAR-10 (about 170 MB, needs network) into --data, or into the default folder when "
+                        "no data is found")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -69,11 +72,30 @@ def _add_probe_args(p: argparse.ArgumentParser, *, several: bool = False) -> Non
                    help="BN with running statistics (eval) or batch statistics (train)")
     p.add_argument("--axes", choices=("all", "channel"), default="all",
                    help="std over all N*C*H*W elements, or the mean of per-channel stds")
-    p.add_argument("--amp", choices=("bf16",), help="autocast the forward pass (statistics stay float64)")
+    p.add_argument("--amp", choices=("bf16", "auto"),
+                   help="autocast the forward pass in bf16 (statistics stay float64; stds move slightly); auto: only "
+                        "where bf16 times faster than fp32 on this machine; bf16 warns where it is slower")
     p.add_argument("--compile", action="store_true", help="fuse the statistics with torch.compile: same numbers, "
                    "a smaller overhead, up to a minute to compile the first time (needs a C++ compiler on a CPU)")
     p.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (overrides the checkpoint)")
     p.add_argument("--std", type=float, nargs=3, help="input normalisation std (overrides the checkpoint)")
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="SPEC", help="the network the checkpoint's weights belong to: torchvision:NAME, "
+                   "timm:NAME (pip install 'layer-probe[timm]') or path/to/file.py:CALLABLE; a file SPEC imports and "
+                   "RUNS that Python file to build the network (the checkpoint is still read with weights_only=True)")
+
+
+def _load_spec(spec: str, checkpoint: str | None, device: str):  # noqa: ANN202 - checkpoint.Checkpoint
+    """--model SPEC: build the network, then load the checkpoint's weights into it (fresh weights without one)."""
+    from .checkpoint import Checkpoint, load_weights
+    from .models.spec import build_spec
+
+    model = build_spec(spec)
+    if checkpoint is None:
+        return Checkpoint(model.to(device).eval(), spec, {}, "")
+    return load_weights(checkpoint, model, spec, device=device)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("responses", help="std of every 3x3 conv's BN output, in network order and sorted")
     p.add_argument("checkpoint")
     _add_probe_args(p)
+    _add_model_arg(p)
     p.add_argument("--out", type=Path, help="write responses.json and responses.csv into this folder")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--plot", type=Path, help="write the two-panel Fig. 7 plot (.png, .pdf or .svg)")
@@ -114,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", help=f"default: checkpoints/{{{','.join(FIG7)}}}.pt")
     _add_probe_args(p, several=True)
     p.add_argument("--labels", nargs="+", help="one legend label per checkpoint")
-    p.add_argument("--out", type=Path, help="write comparison.json, tests.csv and each model's responses here")
+    p.add_argument("--bn-modes", nargs="+", choices=("eval", "train"), default=["eval", "train"],
+                   help="test every claim under each (default: both running and batch statistics)")
+    p.add_argument("--init-seeds", type=int, default=3, metavar="N",
+                   help="also measure N freshly initialised networks of each architecture (batch statistics): how "
+                        "much of a small F(x) the architecture gives before training (0: skip)")
+    p.add_argument("--out", type=Path, help="write claims.csv, closeness.csv and per BN mode comparison.json, tests.csv "
+                                            "and each model's responses here")
     p.add_argument("--plot", type=Path, help="Fig. 7's two panels for all models (.png, .pdf or .svg)")
     p.add_argument("--style", choices=("report", "paper"), default="report")
 
@@ -137,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", type=Path, metavar="DIR",
                    help="also write DIR/README.md (this table, the degradation check) and DIR/training_curves.png")
 
-    p = sub.add_parser("sites", help="list a model's probe sites with their roles")
-    p.add_argument("checkpoint", help="a checkpoint file, or an architecture name such as resnet50")
+    p = sub.add_parser("sites", help="list a model's probe sites with their roles, and each block's addition")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file, or an architecture name such as resnet50 "
+                                                 "(optional with --model: fresh weights)")
     p.add_argument("--arch")
     p.add_argument("--sites", default="all-bn")
+    _add_model_arg(p)
 
     p = sub.add_parser("train", help="train a CIFAR network, recording its responses every epoch")
     p.add_argument("--arch", required=True)
@@ -168,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_responses(args: argparse.Namespace) -> int:
-    from .data import batches
+    from .data import CLASSES, batches
     from .distributed import process_group
-    from .results import format_table, measure_batches
+    from .measurement import measure_pass
+    from .results import format_table
 
     _prepare_outputs(args)
     with process_group(_device(args.device)) as processes:  # several under torchrun, each probing its share
@@ -182,9 +214,10 @@ def cmd_responses(args: argparse.Namespace) -> int:
             make_batches = partial(batches, images[mine], labels[mine], args.batch_size, tuple(meta["mean"]),
                                    tuple(meta["std"]))
             total = len(labels[mine])
-        responses = measure_batches(ckpt.model, make_batches, _probe_config(args), total=total, layout=layout,
-                                    meta=meta | {"processes": processes.size}, progress=processes.main,
-                                    merge=processes.merge)
+        responses, _ = measure_pass(ckpt.model, make_batches, _probe_config(args), total=total, layout=layout,
+                                    meta=meta | {"processes": processes.size, "batch_size": args.batch_size},
+                                    progress=processes.main, merge=processes.merge,
+                                    classes=None if args.imagenet else len(CLASSES))
     bad = [s for s in responses.sites if s.nonfinite]
     if not processes.main:  # every process holds the merged responses; rank 0 alone writes and prints
         return 1 if bad else 0
@@ -254,7 +287,10 @@ def _load_model(args: argparse.Namespace, checkpoint: str, arch: str | None):  #
     from .sites import find_sites
 
     device = _device(args.device)
-    ckpt = load_checkpoint(checkpoint, arch, device=device)
+    if getattr(args, "model", None):
+        ckpt = _load_spec(args.model, checkpoint, device)
+    else:
+        ckpt = load_checkpoint(checkpoint, arch, device=device)
     layout = find_sites(ckpt.model).select(args.sites)
     meta = {"checkpoint": checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "limit": args.limit,
             "device": device, "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
@@ -262,7 +298,7 @@ def _load_model(args: argparse.Namespace, checkpoint: str, arch: str | None):  #
 
 
 def _probe_config(args: argparse.Namespace):  # noqa: ANN202
-    from .results import ProbeConfig
+    from .measurement import ProbeConfig
 
     return ProbeConfig(sites=args.sites, bn_mode=args.bn_mode, axes=args.axes, batch_size=args.batch_size,
                        amp=args.amp, compiled=args.compile)
@@ -288,9 +324,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .analysis import compare, format_comparison
+    from .analysis import baseline, claims_table, compare, format_baselines, format_comparison
+    from .data import CLASSES
+    from .files import write_text
+    from .measurement import measure_images
     from .plots import plot_responses, save_figure
-    from .results import measure_responses
 
     checkpoints = args.checkpoints or _shipped()
     for option in ("arch", "labels"):
@@ -298,21 +336,69 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if given and len(given) != len(checkpoints):
             raise LayerProbeError(f"--{option} needs one value per checkpoint ({len(checkpoints)}), got {len(given)}")
     _prepare_outputs(args)
-    results = []
+    results, baselines = {mode: [] for mode in args.bn_modes}, []
     for i, path in enumerate(checkpoints):
         ckpt, layout, images, labels, meta = _load(args, path, args.arch[i] if args.arch else None)
         label = args.labels[i] if args.labels else ckpt.arch
-        results.append(measure_responses(ckpt.model, images, labels, tuple(meta["mean"]), tuple(meta["std"]),
-                                         _probe_config(args), meta=meta | {"label": label}, layout=layout))
-    comparison = compare(results)
+        norm = tuple(meta["mean"]), tuple(meta["std"])
+        batch_stats = replace(_probe_config(args), bn_mode="train")  # an untrained net's running statistics say nothing
+        initial = [measure_images(_initialised(ckpt, seed), images, labels, *norm, batch_stats, progress=False,
+                                  meta={"label": f"{label} init {seed}"}, classes=len(CLASSES))
+                   for seed in range(args.init_seeds)]
+        for mode in args.bn_modes:
+            r = measure_images(ckpt.model, images, labels, *norm, replace(_probe_config(args), bn_mode=mode),
+                               meta=meta | {"label": label}, layout=layout, classes=len(CLASSES))
+            results[mode].append(r)
+            if initial:
+                baselines.append(baseline(r, initial))
+    comparisons = {mode: compare(rs) for mode, rs in results.items()}
+    claims = claims_table(list(comparisons.values()))
     if args.out:
-        comparison.save(args.out)
-        for r in results:
-            r.save(args.out / r.label)
+        for mode, comparison in comparisons.items():
+            comparison.save(args.out / mode)
+            for r in results[mode]:
+                r.save(args.out / mode / r.label)
+        write_text(args.out / "claims.csv", claims.to_csv(index=False))
+        if baselines:
+            write_text(args.out / "closeness.csv", _baseline_frame(baselines).to_csv(index=False))
     if args.plot:
-        save_figure(plot_responses(results, style=args.style), args.plot)
-    print(format_comparison(comparison))
+        save_figure(plot_responses(results[args.bn_modes[0]], style=args.style), args.plot)
+    for mode, comparison in comparisons.items():
+        print(f"BN {mode} ({'running' if mode == 'eval' else 'batch'} statistics)", format_comparison(comparison),
+              "", sep="\n")
+    every = claims.groupby("claim")["holds"].agg(list)
+    print("claims holding under every BN mode measured: "
+          + (", ".join(k for k, v in every.items() if all(v)) or "none"))
+    if baselines:
+        print("", format_baselines(baselines), sep="\n")
     return 0
+
+
+def _initialised(ckpt, seed: int):  # noqa: ANN001, ANN202 - checkpoint.Checkpoint, nn.Module
+    """The checkpoint's architecture at initialisation: its registered builder with `seed` (the CIFAR nets' He
+    init), or else a copy of the model with every module's own `reset_parameters` under `seed`."""
+    import copy
+
+    from .models import MODELS, build_model
+
+    torch.manual_seed(seed)
+    if ckpt.arch in MODELS:
+        return build_model(ckpt.arch, **ckpt.arch_kwargs).eval()
+    model = copy.deepcopy(ckpt.model)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+    return model.eval()
+
+
+def _baseline_frame(baselines):  # noqa: ANN001, ANN202 - analysis.Baseline, pandas.DataFrame
+    import pandas as pd
+
+    return pd.DataFrame([{"model": b.label, "bn_mode": b.bn_mode, "init_seeds": b.seeds,
+                          **{f"trained_{k}": v for k, v in b.trained.items()},
+                          **{f"init_{k}": v for k, v in b.init.items()}} for b in baselines])
 
 
 def cmd_dynamics(args: argparse.Namespace) -> int:
@@ -340,8 +426,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     if args.download:
-        from .data import load_cifar10
-        load_cifar10(args.data, "test", download=True)
+        from .data import resolve_data
+        resolve_data(args.data, download=True)
     checkpoints = args.checkpoints or _shipped()
     print(f"wrote {build_report(checkpoints, args.out, data=args.data, limit=args.limit, device=_device(args.device))}")
     return 0
@@ -357,23 +443,24 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     if args.write:
         check_writable(args.write)
         print(f"wrote {write_checkpoint_card(checkpoints, args.write)}")
-    print(checkpoint_table(checkpoints).to_string(index=False))
+    print(checkpoint_table(checkpoints).to_string(index=False, max_colwidth=None))
     return 0
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
     from .models import MODELS, build_model
-    from .sites import find_sites
+    from .sites import find_sites, format_layout
 
-    if args.checkpoint in MODELS and not Path(args.checkpoint).exists():
+    if args.model:
+        model = _load_spec(args.model, args.checkpoint, "cpu").model
+    elif args.checkpoint is None:
+        raise LayerProbeError("pass a checkpoint or an architecture name, or --model SPEC")
+    elif args.checkpoint in MODELS and not Path(args.checkpoint).exists():
         model = build_model(args.checkpoint)
     else:
         from .checkpoint import load_checkpoint
         model = load_checkpoint(args.checkpoint, args.arch).model
-    layout = find_sites(model).select(args.sites)
-    print(f"{'index':>5}  {'name':<28} {'role':<10} {'stage':>5} {'block':>5} {'channels':>8} {'kernel':>6}")
-    for s in layout.sites:
-        print(f"{s.index:>5}  {s.name:<28} {s.role:<10} {s.stage:>5} {s.block:>5} {s.channels:>8} {s.kernel:>4}x{s.kernel}")
+    print(format_layout(find_sites(model).select(args.sites)))
     return 0
 
 
@@ -394,8 +481,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          device=_device(args.device), precision=args.precision, run_dir=args.run_dir,
                          probe_every=0 if args.no_probe else args.probe_every, limit=args.limit)
     if args.download:
-        from .data import load_cifar10
-        load_cifar10(args.data, "test", download=True)
+        from .data import resolve_data
+        resolve_data(args.data, download=True)
     with process_group(config.device) as processes:  # several under torchrun: DistributedDataParallel
         train(config, resume=args.resume, processes=processes)
     return 0

@@ -2,8 +2,9 @@
 (`train/<class>/*`, `test/<class>/*`) or a tar/tar.gz of one. ImageNet-style evaluation folders
 are read lazily instead, through DataLoader workers (`load_image_folder`, `folder_batches`).
 
-Decoded images are cached as uint8 arrays, keyed by the source's checksum, so the second
-run starts in seconds. Classes are in the standard CIFAR-10 order.
+`resolve_data` chooses the source (--data, $LAYER_PROBE_DATA, the JPEG archive beside the
+repository, the default folder, or a download into it). Decoded images are cached as uint8 arrays,
+keyed by the source's checksum, so the second run starts in seconds. Classes are in the standard CIFAR-10 order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DATA_ENV = "LAYER_PROBE_DATA"
+SHARED_ARCHIVE = Path("shared", "datasets", "cifar10-jpeg.tar.gz")  # in the folder beside the repository root
+CIFAR10_MB = 170  # torchvision's cifar-10-python.tar.gz
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -55,27 +58,66 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYER_PROBE_CACHE", Path.home() / ".cache" / "layer-probe"))
 
 
-def resolve_source(data: str | Path | None) -> Path:
-    """The dataset path from `--data`, else from $LAYER_PROBE_DATA."""
-    data = data or os.environ.get(DATA_ENV)
-    if not data:
-        raise LayerProbeError(f"no dataset given: pass --data PATH or set {DATA_ENV} to a cifar-10-batches-py "
-                              "folder, an ImageFolder tree (train/<class>/, test/<class>/) or a .tar.gz of one; "
-                              "with network access, --download fetches CIFAR-10 into PATH")
-    return Path(data).expanduser()
+def default_data_dir() -> Path:
+    """Where `--download` puts CIFAR-10 and where it is found later: $LAYER_PROBE_CACHE/cifar10."""
+    return cache_dir() / "cifar10"
+
+
+def repository_root() -> Path | None:
+    """The checkout this package runs from (pyproject.toml beside the package), or None when installed.
+
+    Found from the package's own location, so the result does not depend on the working directory.
+    """
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def resolve_data(data: str | Path | None, *, download: bool = False) -> Path:
+    """The CIFAR-10 source to read: the CLI, the notebooks and `make demo` all choose it here.
+
+    In order: `data` (the CLI's --data), else $LAYER_PROBE_DATA; else the JPEG archive
+    ../shared/datasets/cifar10-jpeg.tar.gz beside the repository root; else `default_data_dir()`
+    when it holds torchvision's cifar-10-batches-py/.
+
+    Args:
+        data: a cifar-10-batches-py folder (or its parent), an ImageFolder tree or a tar of one; None to look.
+        download: fetch CIFAR-10 (about 170 MB) into `data` when it holds no batches, or into
+            `default_data_dir()` when nothing is found, instead of failing.
+
+    Returns:
+        The path to read; `load_cifar10` records it as `ImageSet.source`.
+    """
+    given = data or os.environ.get(DATA_ENV)
+    if given:
+        path = Path(given).expanduser()
+        if download and not path.is_file() and _batches_folder(path) is None:
+            _download(path)
+        if not path.exists():
+            origin = "--data" if data else f"${DATA_ENV}"
+            raise LayerProbeError(f"dataset not found: {path} (from {origin}); pass the path of a cifar-10-batches-py "
+                                  "folder, an ImageFolder tree or a .tar.gz of one, or use --download on a machine "
+                                  "with network access")
+        return path
+    root = repository_root()
+    if root is not None and (root.parent / SHARED_ARCHIVE).is_file():
+        return root.parent / SHARED_ARCHIVE
+    default = default_data_dir()
+    if download and _batches_folder(default) is None:
+        _download(default)
+    if _batches_folder(default) is None:
+        raise LayerProbeError(f"no CIFAR-10 found: pass --data PATH or set {DATA_ENV} to a cifar-10-batches-py "
+                              "folder, an ImageFolder tree (train/<class>/, test/<class>/) or a .tar.gz of one, or "
+                              f"put torchvision's cifar-10-batches-py/ in {default}; with network access, --download "
+                              f"(or `make demo`) fetches CIFAR-10 (about {CIFAR10_MB} MB) there")
+    return default
 
 
 def load_cifar10(data: str | Path | None, split: Split = "test", *, download: bool = False,
                  use_cache: bool = True) -> ImageSet:
-    """Read one split of CIFAR-10 from any supported source, through the uint8 cache."""
+    """Read one split of CIFAR-10 from the source `resolve_data` chooses, through the uint8 cache."""
     if split not in ("train", "test"):
         raise LayerProbeError(f"split must be 'train' or 'test', got {split!r}")
-    path = resolve_source(data)
-    if download:
-        _download(path)
-    if not path.exists():
-        raise LayerProbeError(f"dataset not found: {path} (pass --data, set {DATA_ENV}, or use --download "
-                              "on a machine with network access)")
+    path = resolve_data(data, download=download)
     batches = _batches_folder(path)
     digest = _digest(batches or path)
     cached = cache_dir() / "data" / f"{digest[:16]}-{split}.npz"
@@ -102,7 +144,7 @@ def to_tensors(data: ImageSet, limit: int | None = None, device: str | torch.dev
     The images come in a seeded random order, a random subset of them with a `limit` (see `subset`).
     """
     if limit is not None and limit < 1:
-        raise LayerProbeError(f"--limit must be a positive number of images, got {limit}")
+        raise LayerProbeError(f"limit must be a positive number of images, got {limit}")
     if len(data) == 0:
         raise LayerProbeError(f"{data.source}: the {data.split} split has no images")
     index = subset(len(data), limit, seed)
@@ -131,7 +173,7 @@ def batches(images: Tensor, labels: Tensor, batch_size: int, mean: tuple[float, 
             *, channels_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Normalised batches in order, converted one batch at a time (the uint8 set stays small)."""
     if batch_size < 1:
-        raise LayerProbeError(f"--batch-size must be at least 1, got {batch_size}")
+        raise LayerProbeError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start:start + batch_size], mean, std)
         yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), labels[start:start + batch_size]
@@ -188,7 +230,7 @@ def folder_batches(data: ImageFolderSet, index: np.ndarray, batch_size: int, mea
     from torch.utils.data import DataLoader, Subset
 
     if batch_size < 1:
-        raise LayerProbeError(f"--batch-size must be at least 1, got {batch_size}")
+        raise LayerProbeError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device)
     loader = DataLoader(Subset(data.dataset, index.tolist()), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
@@ -202,12 +244,17 @@ def _hwc_uint8(image: object) -> Tensor:
 
 
 def _download(root: Path) -> None:
-    import torchvision
+    """Fetch torchvision's cifar-10-batches-py/ into `root`, with a progress bar; the archive is removed after."""
+    from torchvision.datasets import CIFAR10, utils
 
+    print(f"downloading CIFAR-10 (about {CIFAR10_MB} MB) from {CIFAR10.url} into {root}", file=sys.stderr)
     try:
-        torchvision.datasets.CIFAR10(str(root), download=True)
-    except Exception as e:  # noqa: BLE001 - network errors come in many types
-        raise LayerProbeError(f"could not download CIFAR-10 into {root}: {e}") from None
+        utils.download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5,
+                                           remove_finished=True)
+    except Exception as e:  # noqa: BLE001 - network, checksum and archive errors come in many types
+        raise LayerProbeError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without "
+                              f"network, put the cifar-10-batches-py/ folder of {CIFAR10.filename} in {root}, or "
+                              f"pass --data PATH or set {DATA_ENV} to a copy of CIFAR-10") from None
 
 
 def _batches_folder(path: Path) -> Path | None:

@@ -114,9 +114,9 @@ class Processes:
             local_norms = [torch.cat(getattr(rec.blocks[b], f)) for b in filled for f in ("f_norm", "x_norm", "cosine")]
             for b, (f, x, cos) in zip(filled, self.gather(torch.stack(local_norms)).view(len(filled), 3, -1)):
                 blocks[b] = BlockNorms([f], [x], [cos])
-        images, correct = self.sum(torch.tensor([result.images, result.correct], device=self.device)).tolist()
+        counts = self.sum(torch.tensor([result.images, result.correct, result.labelled], device=self.device)).tolist()
         return PassResult(Recording(rec.layout, {n: [m] for n, m in zip(names, per_site)},
-                                    {n: [c] for n, c in zip(names, nonfinite)}, blocks), images, correct)
+                                    {n: [c] for n, c in zip(names, nonfinite)}, blocks), *counts, result.outputs)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` inside DistributedDataParallel when there are other processes, else `model` itself."""

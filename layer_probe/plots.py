@@ -21,7 +21,7 @@ from .analysis import Analysis
 from .dynamics import History
 from .errors import LayerProbeError
 from .files import atomic_path
-from .models import depth_of, is_plain
+from .models import depth_of
 from .results import Responses
 
 Style = Literal["report", "paper"]
@@ -42,14 +42,10 @@ def _style(style: Style) -> dict:
     return base | sns.plotting_context("paper", font_scale=0.9) | {"svg.hashsalt": "layer-probe", "font.family": "DejaVu Sans"}
 
 
-def _depth(r: Responses) -> int:
-    return depth_of(r.meta.get("arch", ""))
-
-
 def _colors(responses: Sequence[Responses]) -> dict[int, tuple]:
     import seaborn as sns
 
-    depths = sorted({_depth(r) for r in responses})
+    depths = sorted({r.depth for r in responses})
     return dict(zip(depths, sns.color_palette("colorblind", len(depths))))
 
 
@@ -62,8 +58,8 @@ def plot_responses(responses: Sequence[Responses], *, style: Style = "report") -
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(SINGLE_COLUMN * 1.6, SINGLE_COLUMN * 1.7), layout="constrained")
         colors = _colors(responses)
         for r in responses:
-            plain = is_plain(r.meta.get("arch", ""))
-            kw = {"color": colors[_depth(r)], "linestyle": "--" if plain else "-", "linewidth": 1.0, "label": r.label}
+            plain = not r.residual
+            kw = {"color": colors[r.depth], "linestyle": "--" if plain else "-", "linewidth": 1.0, "label": r.label}
             top.plot([s.index for s in r.sites], r.std(), **kw)
             bottom.plot(range(1, len(r) + 1), [s.std for s in r.sorted()], **kw)
         top.set(xlabel="layer index (3×3 conv, network order)", ylabel="std of BN output")
@@ -120,32 +116,30 @@ def plot_analysis(analysis: Analysis, *, style: Style = "report") -> Figure:
     return fig
 
 
-def plot_dynamics(histories: Sequence[History], *, style: Style = "report") -> Figure:
+def plot_dynamics(histories: Sequence[History], *, bn_mode: str = "eval", style: Style = "report") -> Figure:
     """For each model: a heatmap of std (layer index x epoch) on a colour scale shared by all
     models, the mean std per stage against epoch, and the mean ||F(x)||/||x|| per stage.
 
-    Std is drawn on log scales: at epoch 0 eval-mode BN still has its default running statistics
-    and passes raw conv outputs through, which in a deep ResNet are orders of magnitude larger.
-    So the colours span the 1st to 99th percentile of the trained epochs' stds (epoch >= 1) and
-    values beyond saturate, marked by the colour bar's arrows; the curves show every value."""
+    Each model's trajectory is under `bn_mode` from epoch 1 on; epoch 0 is always under batch
+    statistics (`History.mode`). Std is drawn on log scales; the colours span the 1st to 99th
+    percentile of all values, and values beyond saturate, marked by the colour bar's arrows."""
     import seaborn as sns
     from matplotlib.colors import LogNorm
 
-    trained = pd.concat([h.frame.loc[h.frame.epoch >= 1, "std"] for h in histories])
-    stds = trained if (trained > 0).any() else pd.concat([h.frame["std"] for h in histories])  # epoch 0 only
+    stds = pd.concat([h.mode(bn_mode)["std"] for h in histories])
     low, high = np.percentile(stds[stds > 0], [1, 99])
     norm = LogNorm(vmin=float(low), vmax=float(max(high, low * 1.01)))
     with plt.rc_context(_style(style)):
         fig, axes = plt.subplots(len(histories), 3, figsize=(SINGLE_COLUMN * 2.6, 1.9 * len(histories) + 0.4),
                                  squeeze=False, layout="constrained", gridspec_kw={"width_ratios": [1.6, 1, 1]})
         for i, (row, h) in enumerate(zip(axes, histories)):
-            matrix = h.std_matrix()
+            matrix = h.std_matrix(bn_mode)
             sns.heatmap(matrix, ax=row[0], norm=norm, cmap="viridis", cbar=i == 0,
                         cbar_kws={"label": "std of BN output (log scale)", "extend": "both"},
                         xticklabels=max(1, matrix.shape[1] // 8), yticklabels=max(1, matrix.shape[0] // 6))
             row[0].invert_yaxis()
             row[0].set(title=h.label, xlabel="epoch", ylabel="layer index")
-            stages = h.per_stage()
+            stages = h.per_stage(bn_mode)
             for stage, part in stages.groupby("stage"):
                 name = "stem" if stage == 0 else f"stage {stage}"
                 row[1].plot(part.epoch, part["std"], lw=1, label=name, color=f"C{stage}")
@@ -164,7 +158,7 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], *, style: Style = "repor
         fig, axes = plt.subplots(1, 2, figsize=(SINGLE_COLUMN * 2, SINGLE_COLUMN * 0.9), sharey=True,
                                  layout="constrained")
         for ax, kind in zip(axes, ("plain", "resnet")):
-            names = [n for n in logs if n.startswith(kind)]
+            names = [n for n in logs if n.rsplit("/", 1)[-1].startswith(kind)]
             for i, name in enumerate(sorted(names, key=depth_of)):
                 log = logs[name]
                 ax.plot(log.epoch, log.train_error, "--", color=f"C{i}", lw=1)

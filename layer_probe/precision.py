@@ -66,7 +66,8 @@ def choose(requested: PrecisionChoice, device: torch.device, step: Callable[[Pre
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return Choice("bf16" if ok else "fp32", {}, f"this GPU {'supports' if ok else 'lacks'} bf16")
-    name, seconds = fastest({p: (lambda p=p: step(p)) for p in PRECISIONS})
+    # three untimed calls each: oneDNN builds its kernels over the first few steps of a new shape
+    name, seconds = fastest({p: (lambda p=p: step(p)) for p in PRECISIONS}, warmup=3)
     return Choice(name, seconds, "; the faster on this machine")
 
 

@@ -5,7 +5,8 @@ context manager that keeps each handle and removes all of them in `finally`, and
 restores the model's train/eval mode (and BN buffers) even when the forward raises.
 Statistics are taken inside the hook, so in-place operations that later overwrite the
 BN output (`out += shortcut(x)`, `ReLU(inplace=True)`) cannot change them; nothing is
-moved to the host while batches run.
+moved to the host while batches run. F(x) and x are read at the block's addition itself
+(a `TorchFunctionMode` sees it, whatever op performs it) just before it runs.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .data import batches
 from .errors import LayerProbeError
-from .sites import Block, Layout
+from .sites import AT_ADDITION, Block, Hooks, Layout, Site, addition_op
 from . import stats
 from .stats import Moments
 
@@ -77,29 +79,38 @@ class Recording:
         return Moments.stack(self.batches[name])
 
 
-class Hooks:
-    """The one place hooks are registered: keeps every handle and removes all of them on exit.
+class _AtAdditions(TorchFunctionMode):
+    """Hands the two operands of chosen additions to a reader, just before the addition runs.
 
-    Nestable, and an exception inside the `with` block never leaves a hook behind.
+    An addition is known by the module running it and its number among that call's additions
+    of two same-shape tensors, as `find_sites` counted them; `enter`/`leave` are the hooks of
+    every module that runs such additions. Work done by the probe's own hooks is not counted.
     """
 
-    def __init__(self) -> None:
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+    def __init__(self, readers: dict[tuple[str, int], Callable[[Tensor, Tensor], None]]):
+        super().__init__()
+        self.readers = readers
+        self.stack: list[list] = []  # [module name, additions so far] per running call
+        self.paused = 0
 
-    def add(self, module: nn.Module, hook: Callable, *, pre: bool = False) -> None:
-        register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._handles.append(register(hook))
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None):
+        if self.stack and not self.paused and addition_op(func, args, kwargs) is not None:
+            frame = self.stack[-1]
+            read = self.readers.get((frame[0], frame[1]))
+            frame[1] += 1
+            if read is not None:
+                read(args[0], args[1])
+        return func(*args, **(kwargs or {}))
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def enter(self, name: str) -> Callable:
+        return lambda module, args: self.stack.append([name, 0])
 
-    def __enter__(self) -> Hooks:
-        return self
+    def leave(self, module: nn.Module, args: tuple, out: object) -> None:
+        self.stack.pop()
 
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def reset(self, module: nn.Module, args: tuple) -> None:
+        """At the start of each forward pass: nothing left over from one that raised."""
+        self.stack.clear()
 
 
 class Probe:
@@ -127,6 +138,7 @@ class Probe:
         self._hooks = Hooks()
         self._modes: dict[nn.Module, bool] = {}
         self._bn_buffers: dict[str, Tensor] = {}
+        self._additions: _AtAdditions | None = None
 
     def __enter__(self) -> Probe:
         self._modes = {m: m.training for m in self.model.modules()}
@@ -135,14 +147,36 @@ class Probe:
             if self.compiled:
                 self._compile()
             modules = dict(self.model.named_modules())
+            readers: dict[tuple[str, int], list[Callable[[Tensor, Tensor], None]]] = {}
             for site in self.layout.sites:
-                self._hooks.add(modules[site.name], self._site_hook(site.name))
+                self._add_site(modules, site, readers)
             for block in self.layout.blocks if self.ratios else ():
-                self._add_block(modules, block)
+                if block.residual:
+                    readers.setdefault((block.module, block.ordinal), []).append(self._block_reader(block))
+                else:
+                    self._add_plain_block(modules[block.name], block)
+            if readers:
+                self._read_additions(modules, readers)
         except BaseException:
             self._restore()
             raise
         return self
+
+    def _read_additions(self, modules: dict[str, nn.Module],
+                        readers: dict[tuple[str, int], list[Callable[[Tensor, Tensor], None]]]) -> None:
+        """Read F(x) and x at the blocks' additions: hooks on every module that adds, and the mode entered."""
+        def read_all(todo: list[Callable[[Tensor, Tensor], None]]) -> Callable[[Tensor, Tensor], None]:
+            def read(a: Tensor, b: Tensor) -> None:
+                for reader in todo:
+                    reader(a, b)
+            return read
+
+        self._additions = _AtAdditions({key: read_all(todo) for key, todo in readers.items()})
+        self._hooks.add(self.model, self._additions.reset, pre=True)
+        for name in self.layout.adders:
+            self._hooks.add(modules[name], self._additions.enter(name), pre=True)
+            self._hooks.add(modules[name], self._additions.leave)
+        self._additions.__enter__()
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
@@ -169,12 +203,15 @@ class Probe:
                     stats.fused(pair_norms)(x, x)
         except Exception as e:  # torch.compile raises many kinds: no compiler, no Triton, ...
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise LayerProbeError(f"--compile: torch.compile failed on {device.type} ({reason}); "
-                                  f"run without --compile") from None
+            raise LayerProbeError(f"compiled statistics: torch.compile failed on {device.type} ({reason}); "
+                                  f"measure without them (compiled=False; on the command line, drop --compile)") from None
         finally:
             quiet.setLevel(level)
 
     def _restore(self) -> None:
+        if self._additions is not None:
+            self._additions.__exit__(None, None, None)
+            self._additions = None
         self._hooks.remove()
         for m, training in self._modes.items():
             m.training = training
@@ -185,54 +222,64 @@ class Probe:
                     buffers[k].copy_(v)
             self._bn_buffers.clear()
 
-    def _site_hook(self, name: str) -> Callable:
+    def _add_site(self, modules: dict[str, nn.Module], site: Site,
+                  readers: dict[tuple[str, int], list[Callable[[Tensor, Tensor], None]]]) -> None:
+        """Reduce the site's response where `site.tap` says: the module's output, another module's input
+        (a norm-act layer's BN value, before its activation), or the F(x) operand of its block's addition."""
+        record = self._recorder(site.name)
+        if site.tap == AT_ADDITION:
+            block = next(b for b in self.layout.blocks if b.branch_out == site.name)
+            readers.setdefault((block.module, block.ordinal), []).append(
+                lambda a, b: record(b if block.f_operand else a))
+        elif site.tap:
+            self._hooks.add(modules[site.tap], lambda m, args: record(args[0]), pre=True)
+        else:
+            self._hooks.add(modules[site.name], lambda m, args, out: record(out))
+
+    def _recorder(self, name: str) -> Callable[[Tensor], None]:
         batches, nonfinite = self.recording.batches[name], self.recording.nonfinite[name]
 
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            m = Moments.of(out, compiled=self.compiled)
-            batches.append(m)
-            if self.count_nonfinite:  # an extra pass over the activations
-                nonfinite.append(out.numel() - torch.isfinite(out).sum())
-            else:  # free: any NaN/Inf value makes its channel's mean or M2 non-finite
-                nonfinite.append((~torch.isfinite(m.mean + m.m2)).any().long())
+        def record(out: Tensor) -> None:
+            if self._additions is not None:  # the statistics' own additions are not the model's
+                self._additions.paused += 1
+            try:
+                m = Moments.of(out, compiled=self.compiled)
+                batches.append(m)
+                if self.count_nonfinite:  # an extra pass over the activations
+                    nonfinite.append(out.numel() - torch.isfinite(out).sum())
+                else:  # free: any NaN/Inf value makes its channel's mean or M2 non-finite
+                    nonfinite.append((~torch.isfinite(m.mean + m.m2)).any().long())
+            finally:
+                if self._additions is not None:
+                    self._additions.paused -= 1
 
-        return hook
+        return record
 
-    def _add_block(self, modules: dict[str, nn.Module], block: Block) -> None:
-        """Hooks that pair F(x) with x inside one block and record their per-image norms.
-
-        Whichever of the two arrives first is held until the other arrives (both come
-        before the addition, so neither has been overwritten in place yet).
-        """
+    def _block_reader(self, block: Block) -> Callable[[Tensor, Tensor], None]:
+        """Record ||F(x)||, ||x|| and their cosine from the two operands of the block's addition."""
         norms = self.recording.blocks[block.name]
-        pending: dict[str, Tensor] = {}
 
-        def arrive(key: str, value: Tensor) -> None:
-            other = pending.pop("x" if key == "f" else "f", None)
-            if other is None:
-                pending[key] = value
-            elif key == "f":
-                norms.add(value, other, compiled=self.compiled)
-            else:
-                norms.add(other, value, compiled=self.compiled)
+        def read(a: Tensor, b: Tensor) -> None:
+            f, x = (b, a) if block.f_operand else (a, b)
+            norms.add(f, x, compiled=self.compiled)
+
+        return read
+
+    def _add_plain_block(self, module: nn.Module, block: Block) -> None:
+        """Hooks on a plain block: F(x) stands for H(x) - x, where the block's input and output shapes match."""
+        norms = self.recording.blocks[block.name]
+        inputs: list[Tensor] = []
 
         def block_input(module: nn.Module, args: tuple) -> None:
-            arrive("x", args[0])
+            inputs.append(args[0])
 
-        if not block.residual:  # plain block: F(x) stands for H(x) - x where shapes match
-            def block_output(module: nn.Module, args: tuple, out: Tensor) -> None:
-                x = pending.pop("x")
-                if x.shape == out.shape:
-                    norms.add(out - x, x, compiled=self.compiled)
+        def block_output(module: nn.Module, args: tuple, out: object) -> None:
+            x = inputs.pop()
+            if isinstance(out, Tensor) and isinstance(x, Tensor) and x.shape == out.shape:
+                norms.add(out - x, x, compiled=self.compiled)
 
-            self._hooks.add(modules[block.name], block_input, pre=True)
-            self._hooks.add(modules[block.name], block_output)
-            return
-        self._hooks.add(modules[block.branch_out], lambda m, a, out: arrive("f", out))
-        if block.shortcut is None:
-            self._hooks.add(modules[block.name], block_input, pre=True)
-        else:
-            self._hooks.add(modules[block.shortcut], lambda m, a, out: arrive("x", out))
+        self._hooks.add(module, block_input, pre=True)
+        self._hooks.add(module, block_output)
 
 
 @dataclass(frozen=True)
@@ -242,6 +289,8 @@ class PassResult:
     recording: Recording
     images: int
     correct: int
+    labelled: int  # images that came with labels: top-1 is over these
+    outputs: int = 0  # width of the model's class scores (0: not seen)
 
     @property
     def any_nonfinite(self) -> bool:
@@ -251,34 +300,55 @@ class PassResult:
 
     @property
     def top1(self) -> float:
-        """Top-1 accuracy in percent."""
-        return 100.0 * self.correct / self.images if self.images else float("nan")
+        """Top-1 accuracy in percent (NaN without labels)."""
+        return 100.0 * self.correct / self.labelled if self.labelled else float("nan")
 
 
-def run_probe(model: nn.Module, layout: Layout, batches: Iterable[tuple[Tensor, Tensor]], *,
+def logits_of(output: object) -> Tensor:
+    """The class scores in a model's output: a tensor, the first item of a tuple/list, a dict's 'logits'
+    (or its first value), or an object's `.logits` (Hugging Face style)."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif isinstance(output, dict) and output:
+        output = output.get("logits", next(iter(output.values())))
+    elif hasattr(output, "logits"):
+        output = output.logits
+    if not isinstance(output, Tensor):
+        raise LayerProbeError(f"cannot find the class scores in the model's output ({type(output).__name__})")
+    return output
+
+
+def hits(output: object, labels: Tensor) -> Tensor:
+    """How many of `labels` the model's output gets right (top-1), as a 0-d tensor: no host sync."""
+    return (logits_of(output).argmax(1) == labels).sum()
+
+
+def run_probe(model: nn.Module, layout: Layout, batches: Iterable[tuple[Tensor, Tensor | None]], *,
               bn_mode: BNMode = "eval", ratios: bool = False, total: int | None = None,
               amp: Literal["bf16"] | None = None, progress: bool = True, count_nonfinite: bool = False,
               compiled: bool = False) -> PassResult:
-    """One pass over `batches` ([N, 3, H, W] images, [N] labels) with the probe attached.
+    """One pass over `batches` ([N, 3, H, W] images, [N] labels or None) with the probe attached.
 
     Returns the recording and the top-1 accuracy measured in the same pass. `amp="bf16"`
     runs the forward under bf16 autocast; the statistics are still accumulated in float64.
     `compiled=True` fuses the statistics with `torch.compile` (see `Probe`).
     """
     device = next(model.parameters()).device
-    correct, images = torch.zeros((), dtype=torch.long, device=device), 0
+    correct, images, labelled, outputs = torch.zeros((), dtype=torch.long, device=device), 0, 0, 0
     with Probe(model, layout, bn_mode=bn_mode, ratios=ratios, count_nonfinite=count_nonfinite,
                compiled=compiled) as probe, torch.inference_mode():
         bar = tqdm(total=total, unit="img", desc="probe", disable=not progress or None, leave=False)
         with bar:
             for x, y in batches:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                    logits = model(x)
-                correct += (logits.argmax(1) == y).sum()
-                images += len(y)
-                bar.update(len(y))
-    return PassResult(probe.recording, images, int(correct))
-
+                    output = model(x)
+                if y is not None:
+                    outputs = logits_of(output).shape[-1]
+                    correct += hits(output, y)
+                    labelled += len(y)
+                images += len(x)
+                bar.update(len(x))
+    return PassResult(probe.recording, images, int(correct), labelled, outputs)
 
 
 def top1(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
@@ -290,7 +360,7 @@ def top1(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ..
     try:
         with torch.inference_mode():
             for x, y in batches(images, labels, batch_size, mean, std, channels_last=channels_last):
-                correct += (model(x).argmax(1) == y).sum()
+                correct += hits(model(x), y)
     finally:
         model.train(was)
     return 100.0 * int(correct) / len(labels)

@@ -88,17 +88,29 @@ def build_report(checkpoints: Sequence[str | Path], out: str | Path, *, data: st
     return report
 
 
-def checkpoint_table(checkpoints: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per trained checkpoint, from its metadata and bytes: what `checkpoints/README.md` lists."""
+def checkpoint_table(checkpoints: Sequence[str | Path], folder: str | Path | None = None) -> pd.DataFrame:
+    """One row per trained checkpoint, from its metadata and bytes: what `checkpoints/README.md` lists.
+
+    `model` is the file's path below `folder` without its suffix (e.g. `ablations/resnet20-no-smoothing`);
+    `switches` lists where its recipe departs from the named recipe; `precision` is what its epochs ran in.
+    """
+    from .train import RECIPES
+
     rows = []
     for path in checkpoints:
         ckpt = load_checkpoint(path)
         meta, recipe = ckpt.meta, ckpt.meta.get("recipe", {})
         if "top1" not in meta:
             raise LayerProbeError(f"{path}: not trained by `layer-probe train` (no training summary in its metadata)")
-        rows.append({"model": ckpt.arch, "dataset": Path(meta["dataset"]).name, "recipe": recipe.get("name"), "epochs": meta["epochs"], "seed": meta["seed"],
-                     "wall_h": round(meta["wall_s"] / 3600, 2), "device": meta["device"],
-                     "train_error": meta["train_error"], "top1": meta["top1"],
+        named = asdict(RECIPES[recipe["name"]]) if recipe.get("name") in RECIPES else {}
+        switches = [f"{k}={v}" for k, v in recipe.items() if k in named and k != "epochs" and named[k] != v]
+        label = Path(path).with_suffix("")
+        label = label.relative_to(folder) if folder and label.is_relative_to(folder) else Path(label.name)
+        rows.append({"model": label.as_posix(), "arch": ckpt.arch, "dataset": Path(meta["dataset"]).name,
+                     "recipe": recipe.get("name"), "switches": " ".join(switches) or "-",
+                     "precision": meta.get("precision") or ("bf16" if recipe.get("bf16") else "fp32"),
+                     "epochs": meta["epochs"], "seed": meta["seed"], "wall_h": round(meta["wall_s"] / 3600, 2),
+                     "device": meta["device"], "train_error": meta["train_error"], "top1": meta["top1"],
                      "dataset_sha256": meta["dataset_sha256"][:12],
                      "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()})
     return pd.DataFrame(rows)
@@ -107,31 +119,41 @@ def checkpoint_table(checkpoints: Sequence[str | Path]) -> pd.DataFrame:
 def write_checkpoint_card(checkpoints: Sequence[str | Path], folder: str | Path) -> Path:
     """Write `folder/README.md` (the table, the degradation check) and `folder/training_curves.png`."""
     folder = Path(folder)
-    table = checkpoint_table(checkpoints)
+    table = checkpoint_table(checkpoints, folder)
     logs = {c: read_epochs(path) for c, path in zip(table.model, checkpoints)}
     save_figure(plot_training_curves(logs), folder / "training_curves.png")
     final = dict(zip(table.model, table.train_error))
     datasets = ", ".join(f"`{d}`" for d in dict.fromkeys(table.pop("dataset")))
-    lines = ["# Shipped checkpoints", "",
-             "Trained by this project's own code, `make checkpoints` (`layer-probe train --arch MODEL --recipe fast "
-             f"--resume` for each), on the training split of {datasets}; top-1 is measured in fp32 on its test split "
-             "at the end of the last epoch. " + JPEG_NOTE, "",
-             "wall_h is the training time in hours on `device` (2 CPU cores; other work shared the machine at "
-             "times); train_error is the last epoch's, in percent, with augmentation and label smoothing on; "
-             "dataset_sha256 begins the checksum of the training data read; sha256 is the file's.", "",
+    lines = ["# Trained checkpoints", "",
+             "Trained by this project's own code (`layer-probe train`; `make checkpoints` for the five networks "
+             "of Fig. 7 under the `fast` recipe, `make ablations`, `make faithful` and `make replicates` for the "
+             f"rest), on the training split of {datasets}; top-1 is measured in fp32 on its test split at the end "
+             "of the last epoch. " + JPEG_NOTE, "",
+             "`switches` lists where a run departs from its named recipe; `precision` is what its training steps "
+             "ran in (the shipped five predate `--precision` and ran in bf16); wall_h is the training time in hours "
+             "on `device` (2 CPU cores; other work shared the machine at times); train_error is the last epoch's, "
+             "in percent, with augmentation (and label smoothing where the recipe has it) on; dataset_sha256 "
+             "begins the checksum of the training data read; sha256 is the file's.", "",
              _markdown(table), "", "![training curves](training_curves.png)", "",
              "Training error (dashed) and test error (solid) per epoch, in the style of the paper's Fig. 6. "
              "Each model's log is `MODEL.epochs.csv`; the responses recorded after every epoch are in "
              "`MODEL.history.csv` (`layer-probe dynamics checkpoints/MODEL.pt`).", ""]
-    for deep, shallow in (("plain56", "plain20"), ("resnet56", "resnet20")):
-        if deep in final and shallow in final:
-            worse = final[deep] > final[shallow]
-            lines.append(f"- {deep}'s final training error, {final[deep]:.2f}%, is {'above' if worse else 'below'} "
-                         f"{shallow}'s, {final[shallow]:.2f}%" + (" (the degradation problem)." if worse and
-                                                                  is_plain(deep) else "."))
+    lines += [f"- {line}" for line in degradation(final)]
     readme = folder / "README.md"
     write_text(readme, "\n".join(lines).rstrip() + "\n")
     return readme
+
+
+def degradation(final_train_error: dict[str, float]) -> list[str]:
+    """Section 4.2's degradation problem, read off final training errors (percent) by model name: for each
+    of plain and ResNet with both depths 20 and 56 present, whether the deeper ends higher."""
+    lines = []
+    for deep, shallow in (("plain56", "plain20"), ("resnet56", "resnet20")):
+        if deep in final_train_error and shallow in final_train_error:
+            a, b = final_train_error[deep], final_train_error[shallow]
+            lines.append(f"{deep}'s final training error, {a:.2f}%, is {'above' if a > b else 'below'} {shallow}'s, "
+                         f"{b:.2f}%" + (" (the degradation problem)." if a > b and is_plain(deep) else "."))
+    return lines
 
 
 def _optional(reader, *args):  # noqa: ANN001, ANN202 - read_history or read_epochs and their result

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .errors import LayerProbeError
 from .files import write_text
-from .data import batches
-from .probe import PassResult, run_probe
-from .sites import Layout, find_sites
+from .probe import PassResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,6 +85,22 @@ class Responses:
     @property
     def label(self) -> str:
         return self.meta.get("label") or self.meta.get("arch", "model")
+
+    @property
+    def residual(self) -> bool:
+        """Whether the model has residual additions, as its structure showed when it was measured."""
+        return bool(self._structure("residual"))
+
+    @property
+    def depth(self) -> int:
+        """Weighted layers on the main path (convs and the classifier), read from the model's structure."""
+        return int(self._structure("depth"))
+
+    def _structure(self, key: str) -> Any:
+        if key not in self.meta:
+            raise LayerProbeError(f"{self.label}: these responses do not record the model's {key} "
+                                  "(measure them again with layer_probe.measure)")
+        return self.meta[key]
 
     def std(self) -> list[float]:
         """Std per site in network order (Fig. 7, top)."""
@@ -158,64 +171,21 @@ def _block_response(block, norms) -> BlockResponse:  # noqa: ANN001 - sites.Bloc
                          float(torch.cat(norms.cosine).mean()))
 
 
+def _percent(x: float) -> str:
+    return "n/a (no labels)" if math.isnan(x) else f"{x:.2f}%"
+
+
 def _sortable(x: float) -> float:
     return -math.inf if math.isnan(x) else x
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """How responses are measured. The paper leaves these open; each is recorded in the results."""
-
-    sites: str = "3x3"  # "3x3" (Fig. 7), "all-bn", or a regular expression over site names
-    bn_mode: Literal["eval", "train"] = "eval"  # eval: BN running statistics; train: batch statistics
-    axes: Axes = "all"  # all: std over N*C*H*W; channel: mean of per-channel stds
-    batch_size: int = 256  # images per forward pass
-    ratios: bool = True  # also record ||F(x)||/||x|| and cos(F(x), x) per block
-    amp: Literal["bf16"] | None = None  # autocast the forward; statistics stay float64
-    compiled: bool = False  # fuse the statistics with torch.compile (same numbers, less overhead)
-
-
-def measure_responses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
-                      std: tuple[float, ...], config: ProbeConfig = ProbeConfig(), *,
-                      meta: dict[str, Any] | None = None, progress: bool = True, layout: Layout | None = None,
-                      merge: Callable[[PassResult], PassResult] | None = None) -> Responses:
-    """Probe `model` on uint8 images [N, 32, 32, 3] with labels [N] and summarise the responses.
-
-    `layout` is the model's selected sites when already known (default: `config.sites` of `find_sites(model)`);
-    `merge` combines this process's pass with those of other processes (`distributed.Processes.merge`).
-    """
-    return measure_batches(model, partial(batches, images, labels, config.batch_size, mean, std), config,
-                           total=len(labels), meta=meta, progress=progress, layout=layout, merge=merge)
-
-
-def measure_batches(model: torch.nn.Module, make_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                    config: ProbeConfig = ProbeConfig(), *, total: int | None = None,
-                    meta: dict[str, Any] | None = None, progress: bool = True, layout: Layout | None = None,
-                    merge: Callable[[PassResult], PassResult] | None = None) -> Responses:
-    """Probe `model` on the batches ([N, 3, H, W] normalised images, [N] labels) that `make_batches()` yields.
-
-    `make_batches` is called once per pass (a second pass counts NaN/Inf values exactly, only if
-    there are any), e.g. `partial(data.folder_batches, folder, index, 64, mean, std, "cuda")`.
-    """
-    layout = layout or find_sites(model).select(config.sites)
-    for count_nonfinite in (False, True):
-        result = run_probe(model, layout, make_batches(), bn_mode=config.bn_mode, ratios=config.ratios, total=total,
-                           amp=config.amp, progress=progress, count_nonfinite=count_nonfinite,
-                           compiled=config.compiled)
-        if merge is not None:  # every process gets the same merged pass, so all take the same branch here
-            result = merge(result)
-        if not result.any_nonfinite:
-            break
-    settings = {"sites_rule": config.sites, "bn_mode": config.bn_mode, "amp": config.amp,
-                "batch_size": config.batch_size, "torch": torch.__version__}
-    return summarize(result, axes=config.axes, meta=settings | (meta or {}))
 
 
 def format_table(responses: Responses) -> str:
     """A readable text table of the sites (network order, with each site's rank) and top-1."""
     m = responses.meta
-    lines = [f"{m.get('arch', '?')}  {m.get('checkpoint', '')}",
-             f"top-1 {responses.top1:.2f}% on {m.get('images', '?')} {m.get('split', '')} images; "
+    title = "  ".join(str(v) for v in (m.get("arch") or m.get("label"), m.get("checkpoint")) if v)
+    images = " ".join(str(v) for v in (m.get("images", "?"), m.get("split")) if v)
+    lines = [title or "model",
+             f"top-1 {_percent(responses.top1)} on {images} images; "
              f"BN {m.get('bn_mode', '?')}, std over {'all N*C*H*W elements' if m.get('axes') == 'all' else 'each channel (mean)'}",
              "", f"{'index':>5}  {'name':<24} {'role':<10} {'channels':>8} {'std':>9} {'rank':>5}"]
     lines += [f"{s.index:>5}  {s.name:<24} {s.role:<10} {s.channels:>8} {s.std:>9.4f} {s.rank:>5}" for s in responses.sites]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import batches
 from .errors import LayerProbeError
 from .models import BasicBlock, CifarNet
-from .probe import Hooks, top1
+from .probe import Hooks, hits, top1
 from .sites import Block
 
 
@@ -103,11 +103,11 @@ def _staged_lesions(model: CifarNet, blocks: Sequence[Block], images: Tensor, la
                             out = h
                             for _, later in chain[k:]:
                                 out = later(out)
-                            correct[i + 1] += (model.head(out).argmax(1) == y).sum()
+                            correct[i + 1] += hits(model.head(out), y)
                         removable[i] &= cut.removable
                         bar.update(1)
                     h = block(h)
-                correct[0] += (model.head(h).argmax(1) == y).sum()
+                correct[0] += hits(model.head(h), y)
     finally:
         model.train(was)
     accuracy = (100.0 * correct.double() / len(labels)).tolist()
@@ -176,8 +176,8 @@ def identity_check(model: CifarNet, arch: str, extra_blocks: int, images: Tensor
         for x, y in batches(images, labels, batch_size, mean, std):
             a, b = model(x), deep(x)
             diff = max(diff, float((a - b).abs().max()))
-            wrong += int((a.argmax(1) != y).sum())
-            deep_wrong += int((b.argmax(1) != y).sum())
+            wrong += len(y) - int(hits(a, y))
+            deep_wrong += len(y) - int(hits(b, y))
     depth = 6 * len(model.layer1) + 2
     return IdentityCheck(arch, depth, depth + 6 * extra_blocks, diff, 100.0 * wrong / len(labels),
                          100.0 * deep_wrong / len(labels))

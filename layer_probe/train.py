@@ -15,10 +15,10 @@ Precision is not part of a recipe: `--precision auto` times both on the machine 
 `label_smoothing`, `head`, `freeze_last_bn`) are recipe fields, so the checkpoint records them.
 
 The whole split is held in memory as uint8 and augmented on tensors per image, with no
-DataLoader. Once before the first step (epoch 0, with BN batch statistics: an untrained
-network's running statistics are BN's defaults, not its data's) and after every epoch (running
-and batch statistics) the probe runs on a fixed, class-mixed probe set and appends each site's
-std and each block's ||F(x)||/||x|| to a history. State is saved atomically every epoch, so
+DataLoader. Once before the first step (epoch 0) and after every epoch the probe runs on a fixed,
+class-mixed probe set, under BN's running and batch statistics, and appends each site's std and
+each block's ||F(x)||/||x|| to a history. At epoch 0 only the batch-statistics rows describe the
+network: an untrained network's running statistics are BN's defaults, not its data's. State is saved atomically every epoch, so
 `--resume` after a kill loses at most the unfinished epoch.
 """
 
@@ -31,11 +31,12 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,7 +52,7 @@ from .models import build_model, is_cifar
 from .models.cifar import Head
 from .precision import Precision, PrecisionChoice, autocast, choose
 from .probe import top1
-from .results import ProbeConfig, Responses, measure_responses
+from .measurement import ProbeConfig, measure_images
 from .sites import find_sites
 
 
@@ -225,8 +226,9 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
         t0 = time.perf_counter()
         loss, error, images_per_s = _train_epoch(run, config, epoch, processes)
         if processes.main:  # the others go on to the next epoch and wait there for rank 0
-            _record_epoch(run, config, epoch, t0, loss, error, images_per_s)
+            line = _record_epoch(run, config, epoch, t0, loss, error, images_per_s)
             _save_state(run, config, state_path)
+            print(line, flush=True)  # after the save: an epoch reported is an epoch kept
     if processes.main:
         _save_final(run, config)
     return config.out
@@ -263,7 +265,7 @@ def _setup(config: TrainConfig, state: dict[str, Any] | None, processes: Process
         run.epochs_csv, run.history_csv = state["epochs_csv"], state["history_csv"]
     elif processes.main:
         run.epochs_csv = _csv(EPOCH_FIELDS, [])
-        run.history_csv = _csv(HISTORY_FIELDS, _history_rows(0, _probe(model, *run.probe, "train")))
+        run.history_csv = _csv(HISTORY_FIELDS, probe_rows(model, 0, *run.probe))
     return run
 
 
@@ -274,7 +276,7 @@ def _choose_precision(model: nn.Module, config: TrainConfig, device: torch.devic
     Several processes take bf16 only when all of them found it faster. A resumed run may switch
     (it may continue on another machine); the line says so.
     """
-    choice = choose(config.precision, device, _step(model, config.recipe.batch_size, device))
+    choice = choose(config.precision, device, step_timer(model, config.recipe.batch_size, device))
     precision = choice.precision
     if processes.active:
         votes = processes.sum(torch.tensor(int(precision == "bf16"), device=device))
@@ -286,7 +288,7 @@ def _choose_precision(model: nn.Module, config: TrainConfig, device: torch.devic
     return precision
 
 
-def _step(model: nn.Module, batch_size: int, device: torch.device) -> Callable[[Precision], None]:
+def step_timer(model: nn.Module, batch_size: int, device: torch.device) -> Callable[[Precision], None]:
     """One forward-backward of a copy of `model` on a fixed random batch: the unit `precision.choose` times."""
     twin = copy.deepcopy(model).train()
     x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
@@ -343,16 +345,16 @@ def _train_epoch(run: _Run, config: TrainConfig, epoch: int, processes: Processe
 
 
 def _record_epoch(run: _Run, config: TrainConfig, epoch: int, t0: float, loss: float, train_error: float,
-                  images_per_s: float) -> None:
-    """Test and validation error, the response probe (both BN modes), and one line of the epoch log."""
+                  images_per_s: float) -> str:
+    """Test and validation error, the response probe (both BN modes), and one line of the epoch log;
+    returns the line to print."""
     model = run.model
     test_error = 100.0 - top1(model, *run.test, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True)
     val_error = 100.0 - top1(model, *run.val, CIFAR_MEAN, CIFAR_STD, 1000, channels_last=True) \
         if len(run.val[1]) else float("nan")
     t1 = time.perf_counter()
     if config.probe_every and epoch % config.probe_every == 0:
-        rows = [r for mode in ("eval", "train") for r in _history_rows(epoch, _probe(model, *run.probe, mode))]
-        run.history_csv += _csv(HISTORY_FIELDS, rows, header=False)
+        run.history_csv += _csv(HISTORY_FIELDS, probe_rows(model, epoch, *run.probe), header=False)
     probe_s = time.perf_counter() - t1
     run.wall += time.perf_counter() - t0
     row = {"epoch": epoch, "train_loss": loss, "train_error": train_error, "test_error": test_error,
@@ -361,8 +363,8 @@ def _record_epoch(run: _Run, config: TrainConfig, epoch: int, t0: float, loss: f
     run.epochs_csv += _csv(EPOCH_FIELDS, [row], header=False)
     run.epoch = epoch
     run.summary = {"epochs": epoch, "train_error": train_error, "top1": 100.0 - test_error, "wall_s": run.wall}
-    print(f"{config.arch} epoch {epoch}/{config.recipe.epochs}: loss {loss:.3f}, train error {train_error:.2f}%, "
-          f"test error {test_error:.2f}%, {images_per_s:.0f} img/s ({run.precision}), probe {probe_s:.1f}s", flush=True)
+    return (f"{config.arch} epoch {epoch}/{config.recipe.epochs}: loss {loss:.3f}, train error {train_error:.2f}%, "
+            f"test error {test_error:.2f}%, {images_per_s:.0f} img/s ({run.precision}), probe {probe_s:.1f}s")
 
 
 def _save_state(run: _Run, config: TrainConfig, state_path: Path) -> None:
@@ -428,16 +430,69 @@ def epochs_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.epochs.csv")
 
 
-def _probe(model: nn.Module, images: Tensor, labels: Tensor, bn_mode: Literal["eval", "train"]) -> Responses:
-    return measure_responses(model, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=500, bn_mode=bn_mode),
-                             progress=False)
+def probe_rows(model: nn.Module, epoch: int, images: Tensor, labels: Tensor) -> list[dict[str, Any]]:
+    """One epoch's history rows: every site's std and every block's mean ||F(x)||/||x||, under BN's running
+    statistics (eval) and batch statistics (train), on the probe set in batches of 500.
+
+    At epoch 0 only the batch-statistics rows describe the network: its running statistics are still BN's
+    defaults (mean 0, variance 1), so eval-mode BN passes the raw conv outputs through.
+    """
+    rows = []
+    for mode in ("eval", "train"):
+        r = measure_images(model, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=500, bn_mode=mode),
+                           progress=False)
+        ratio = {b.branch_out: b.ratio_mean for b in r.blocks}
+        rows += [{"epoch": epoch, "bn_mode": mode, "index": s.index, "name": s.name, "role": s.role, "stage": s.stage,
+                  "block": s.block, "std": s.std, "ratio": ratio.get(s.name, "")} for s in r.sites]
+    return rows
 
 
-def _history_rows(epoch: int, responses: Responses) -> list[dict[str, Any]]:
-    ratio = {b.branch_out: b.ratio_mean for b in responses.blocks}
-    mode = responses.meta["bn_mode"]
-    return [{"epoch": epoch, "bn_mode": mode, "index": s.index, "name": s.name, "role": s.role, "stage": s.stage,
-             "block": s.block, "std": s.std, "ratio": ratio.get(s.name, "")} for s in responses.sites]
+def initial_rows(checkpoint: str | Path, data: str | Path | None = None) -> list[dict[str, Any]]:
+    """Epoch 0's history rows of a trained checkpoint, probed afresh on its run's initialisation.
+
+    The initialisation is rebuilt from what the checkpoint records (architecture, recipe, seed) and
+    probed as `train` probes it (channels_last, the seeded probe set of `probe_images` test images).
+    Rows the run recorded at epoch 0 are reproduced only when these are the weights it started from.
+    """
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    meta = ckpt.meta
+    if "seed" not in meta or "recipe" not in meta:
+        raise LayerProbeError(f"{checkpoint}: not trained by `layer-probe train` (no seed or recipe in its metadata)")
+    known = {f.name for f in fields(Recipe)}
+    recipe = Recipe(**{k: v for k, v in meta["recipe"].items() if k in known})
+    model = initial_model(ckpt.arch, recipe, meta["seed"]).to(memory_format=torch.channels_last)
+    images, labels = to_tensors(load_cifar10(data, "test"), meta.get("probe_images", 1000), seed=meta["seed"])
+    return probe_rows(model, 0, images, labels)
+
+
+def rederive_epoch0(checkpoint: str | Path, data: str | Path | None = None) -> Path:
+    """Rewrite a checkpoint's history with epoch 0 probed under both BN modes on its rebuilt initialisation.
+
+    For histories recorded before epoch 0 was probed with batch statistics: their eval-mode rows are
+    checked against the rebuilt initialisation first (1e-5), so a history is only rewritten when the
+    rebuilt weights are those its run started from. Later epochs are kept; histories without a
+    `bn_mode` column get `eval` (all they recorded) and the stage and block of each site.
+    """
+    import pandas as pd
+
+    path = history_path(checkpoint)
+    old = pd.read_csv(path)
+    fresh = pd.DataFrame(initial_rows(checkpoint, data))
+    if "bn_mode" not in old.columns:
+        old["bn_mode"] = "eval"
+    for mode, recorded in old[old.epoch == 0].groupby("bn_mode"):
+        rebuilt = fresh[fresh.bn_mode == mode]
+        if recorded["name"].tolist() != rebuilt["name"].tolist() or not np.allclose(
+                recorded["std"], rebuilt["std"], rtol=1e-5, atol=0):
+            raise LayerProbeError(f"{path}: epoch 0 ({mode}) differs from a probe of the rebuilt initialisation; "
+                                  "not the weights this run started from")
+    place = fresh[fresh.bn_mode == "eval"].set_index("name")[["stage", "block"]]
+    later = old[old.epoch > 0].drop(columns=["stage", "block"], errors="ignore").join(place, on="name")
+    frame = pd.concat([fresh, later[list(HISTORY_FIELDS)]], ignore_index=True)
+    write_text(path, frame.to_csv(index=False, lineterminator="\n"))
+    return path
 
 
 def _csv(fields: tuple[str, ...], rows: list[dict[str, Any]], header: bool = True) -> str:

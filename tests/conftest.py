@@ -102,3 +102,11 @@ def image_folder(tmp_path_factory) -> Path:
         image = Image.fromarray(pixels, "RGBA").convert(mode)
         image.save(root / cls / name, format="PNG" if name.endswith(".png") else "JPEG")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_archive_beside_the_repository(monkeypatch):
+    """Tests run as on a clone without ../shared: data is found only where a test puts it or passes it."""
+    from layer_probe import data
+
+    monkeypatch.setattr(data, "repository_root", lambda: None)

@@ -8,7 +8,8 @@ from scipy import stats as sps
 from layer_probe.analysis import (AnalysisConfig, Analysis, analyze, bootstrap_std, bootstrap_weights, closeness,
                                   compare, gamma_std, resnet_vs_plain)
 from layer_probe.probe import run_probe
-from layer_probe.results import ProbeConfig, Responses, SiteResponse
+from layer_probe.measurement import ProbeConfig
+from layer_probe.results import Responses, SiteResponse
 from layer_probe.sites import find_sites
 from layer_probe.stats import Moments
 from test_probe import trained_like
@@ -95,7 +96,8 @@ def test_normalised_input_variance_is_the_data_over_the_running_variance():
         h.remove()
     by_name = {s.name: s for s in analysis.sites}
     for n in names:
-        bn, x = modules[n], torch.cat(seen[n][:5]).double()  # the probe pass's 40 images (lesions rerun later)
+        probe_pass = [x for x in seen[n] if len(x) == 8][:5]  # 40 images in batches of 8 (lesions rerun later)
+        bn, x = modules[n], torch.cat(probe_pass).double()
         keep = bn.weight != 0
         expected = (x.var((0, 2, 3), correction=0) / (bn.running_var.double() + bn.eps))[keep].mean().item()
         assert by_name[n].z_var == pytest.approx(expected, rel=1e-4)
@@ -121,7 +123,9 @@ def responses(label, stds, ratios=()):
 
     sites = tuple(SiteResponse(i, f"s{i}", "inner", 1, 0, 4, s, 0.0, s, 0, 0) for i, s in enumerate(stds, 1))
     blocks = tuple(BlockResponse(f"b{i}", f"s{i}", True, r, r, r, r, 0.0) for i, r in enumerate(ratios))
-    return Responses(sites, blocks, {"arch": label, "label": label, "top1": 90.0})
+    depth = int(label.removeprefix("resnet").removeprefix("plain"))
+    return Responses(sites, blocks, {"arch": label, "label": label, "top1": 90.0, "depth": depth,
+                                     "residual": label.startswith("resnet")})
 
 
 def test_identical_models_give_no_evidence_that_resnets_respond_less():
@@ -163,3 +167,85 @@ def test_analysis_json_round_trip(tmp_path):
     assert Analysis.from_json(analysis.to_json()).to_json() == analysis.to_json()
     analysis.save(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"analysis.json", "blocks.csv", "sites.csv"}
+
+
+def test_decay_exponent_recovers_a_power_law():
+    from layer_probe.analysis import decay_exponent
+
+    k = np.arange(1, 10)
+    assert decay_exponent(0.8 * k ** -0.4) == pytest.approx(-0.4)
+    assert math.isnan(decay_exponent([0.5]))
+
+
+class ToyResNet(torch.nn.Module):
+    """x_0 = BN(conv(input)); x_k = x_{k-1} + BN(conv(x_{k-1})), no ReLU: with batch statistics every F has unit
+    variance, so Var(x_k) = 1 + k when the branches are uncorrelated with the stream."""
+
+    def __init__(self, blocks=8, width=64):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width))
+        self.blocks = torch.nn.ModuleList(ToyBlock(width) for _ in range(blocks))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean((2, 3))[:, :10]
+
+
+class ToyBlock(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(width, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+def test_ratio_at_initialisation_follows_the_variance_recursion():
+    """Known answer: ||F(x_{k-1})|| / ||x_{k-1}|| ≈ sqrt(1 / k) for block k (Var F = 1, Var x_{k-1} = k)."""
+    from layer_probe.analysis import closeness_summary
+    from layer_probe.measurement import measure
+
+    torch.manual_seed(0)
+    model = ToyResNet()
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    r = measure(model, [x], bn_mode="train", progress=False)
+    ratios = [b.ratio_mean for b in r.blocks]
+    assert ratios == pytest.approx([math.sqrt(1 / k) for k in range(1, 9)], rel=0.05)
+    assert closeness_summary(r)["decay_exponent"] == pytest.approx(-0.5, abs=0.05)
+    assert all(s.std == pytest.approx(1.0, abs=1e-4) for s in r.sites)  # batch statistics: unit std at every site
+
+
+def test_claims_table_reports_each_mode_and_whether_a_claim_holds_in_all():
+    from layer_probe.analysis import claims_table
+
+    def models(mode, deeper_lower):
+        rs = [responses("plain20", np.linspace(1, 2, 19)), responses("resnet20", np.linspace(0.8, 1.2, 19)),
+              responses("resnet56", np.linspace(0.5, 0.9, 55) * (1 if deeper_lower else 2))]
+        for r in rs:
+            r.meta["bn_mode"] = mode
+        return rs
+
+    table = claims_table([compare(models("eval", True)), compare(models("train", False))])
+    assert table[["claim", "bn_mode", "holds", "holds_in_every_mode"]].values.tolist() == [
+        ["resnet_below_plain_20", "eval", True, True], ["deeper_resnets_lower", "eval", True, False],
+        ["resnet_below_plain_20", "train", True, True], ["deeper_resnets_lower", "train", False, False]]
+
+
+def test_baseline_sets_trained_closeness_against_initialisation():
+    from layer_probe.analysis import baseline
+    from layer_probe.results import BlockResponse
+
+    def with_ratios(label, ratios):
+        sites = tuple(SiteResponse(i, f"s{i}", "branch_out", 1 + i // 3, 0, 4, 1.0, 0.0, 1.0, 0, 0)
+                      for i in range(len(ratios)))
+        blocks = tuple(BlockResponse(f"b{i}", f"s{i}", True, r, r, r, r, 0.0) for i, r in enumerate(ratios))
+        return Responses(sites, blocks, {"label": label, "bn_mode": "eval"})
+
+    b = baseline(with_ratios("r", [0.2, 0.3, 0.4, 0.6]), [with_ratios("i0", [0.4, 0.4, 0.6, 0.6]),
+                                                          with_ratios("i1", [0.6, 0.6, 0.4, 0.4])])
+    assert b.trained["mean_ratio"] == pytest.approx(0.375) and b.trained["below_0.5"] == 0.75
+    assert b.init["mean_ratio"] == pytest.approx(0.5) and b.init["below_0.5"] == pytest.approx(0.5)
+    assert b.stages == ({"stage": 1, "trained": pytest.approx(0.3), "init": pytest.approx(0.5)},
+                        {"stage": 2, "trained": pytest.approx(0.6), "init": pytest.approx(0.5)})

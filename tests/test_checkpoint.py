@@ -115,3 +115,48 @@ def test_truncated_checkpoint(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(LayerProbeError, match="not a readable PyTorch checkpoint"):
         read_file(Path(tmp_path / "cut.pt"))
+
+
+@pytest.mark.parametrize("layout", ["bare", "state_dict", "model", "net", "lightning", "data_parallel"])
+def test_training_script_layouts_load(tmp_path, layout):
+    model = build_model("resnet8", shortcut="B")
+    sd = model.state_dict()
+    payload = {"bare": sd, "state_dict": {"state_dict": sd, "epoch": 3}, "model": {"model": sd, "optimizer": {}},
+               "net": {"net": sd}, "lightning": {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 1},
+               "data_parallel": {"model": {f"module.{k}": v for k, v in sd.items()}}}[layout]
+    torch.save(payload, tmp_path / "w.pt")
+    assert same_weights(load_checkpoint(tmp_path / "w.pt").model, model)
+
+
+def test_safetensors_and_a_user_model(tmp_path):
+    from safetensors.torch import save_file
+
+    from layer_probe.checkpoint import load_weights
+
+    model = torchvision.models.resnet18()
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    assert same_weights(load_checkpoint(tmp_path / "w.safetensors").model, model)
+    fresh = torchvision.models.resnet18()
+    ckpt = load_weights(tmp_path / "w.safetensors", fresh, "torchvision:resnet18")
+    assert ckpt.arch == "torchvision:resnet18" and same_weights(ckpt.model, model)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LayerProbeError, match=r"bad.safetensors: not a readable safetensors file"):
+        read_file(tmp_path / "bad.safetensors")
+    with pytest.raises(LayerProbeError, match=r"weights do not fit torchvision:resnet34"):
+        load_weights(tmp_path / "w.safetensors", torchvision.models.resnet34(), "torchvision:resnet34")
+
+
+def test_model_spec_from_a_file_torchvision_and_errors(tmp_path):
+    from layer_probe.models.spec import build_spec
+
+    (tmp_path / "mynet.py").write_text("from torch import nn\n\ndef build():\n    return nn.Conv2d(3, 4, 3)\n"
+                                       "\ndef broken():\n    raise RuntimeError('no')\n")
+    assert isinstance(build_spec(f"{tmp_path / 'mynet.py'}:build"), torch.nn.Conv2d)
+    assert isinstance(build_spec("torchvision:resnet18"), torchvision.models.ResNet)
+    for spec, message in [(f"{tmp_path / 'mynet.py'}:nothing", "defines no callable 'nothing'"),
+                          (f"{tmp_path / 'mynet.py'}:broken", r"running .* failed \(RuntimeError: no\)"),
+                          ("torchvision:resnet7", "torchvision has no model 'resnet7'"),
+                          ("resnet18", "expected torchvision:NAME, timm:NAME or path/to/file.py:CALLABLE"),
+                          (f"{tmp_path / 'none.py'}:build", "is not a Python file")]:
+        with pytest.raises(LayerProbeError, match=message):
+            build_spec(spec)

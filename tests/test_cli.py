@@ -58,7 +58,10 @@ def test_csv_format(ckpt, tree, capsys):
 
 def test_sites_command(capsys):
     code, out, _ = run(capsys, "sites", "resnet50", "--sites", "3x3")
-    assert code == 0 and "layer4.2.bn2" in out and len(out.splitlines()) == 17
+    sites, blocks = out.split("\n\n")
+    assert code == 0 and "layer4.2.bn2" in sites and len(sites.splitlines()) == 1 + 16  # header + the 3x3 convs
+    assert len(blocks.splitlines()) == 1 + 16  # header + one addition per bottleneck block
+    assert blocks.splitlines()[1].split() == ["layer1.0", "F(x)", "+=", "x", "layer1.0.bn3", "layer1.0.downsample"]
 
 
 @pytest.mark.parametrize("make, argv, message", [
@@ -127,3 +130,37 @@ def test_imagenet_folder_with_torchvision_weights(arch, n_sites, n_branch, image
 def test_imagenet_and_data_together_is_an_error(ckpt, tree, image_folder, capsys):
     code, _, err = run(capsys, "responses", ckpt, "--data", tree, "--imagenet", image_folder)
     assert code == 2 and "either --data" in err
+
+
+def test_compare_tests_every_claim_under_both_bn_modes_beside_initialisation(tree, capsys, tmp_path):
+    norm = {"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    paths = []
+    for arch, seed in (("plain8", 1), ("resnet8", 2)):
+        paths.append(tmp_path / f"{arch}.pt")
+        save_checkpoint(paths[-1], trained_like(arch, seed), arch, meta=norm)
+    code, out, _ = run(capsys, "compare", *paths, "--data", tree, "--init-seeds", 2, "--out", tmp_path / "o")
+    assert code == 0 and "BN eval (running statistics)" in out and "BN train (batch statistics)" in out
+    import pandas as pd
+
+    claims = pd.read_csv(tmp_path / "o" / "claims.csv")
+    assert claims[["claim", "bn_mode"]].values.tolist() == [["resnet_below_plain_8", "eval"],
+                                                            ["resnet_below_plain_8", "train"]]
+    closeness = pd.read_csv(tmp_path / "o" / "closeness.csv")
+    assert closeness[["model", "bn_mode", "init_seeds"]].values.tolist() == [
+        ["plain8", "eval", 2], ["plain8", "train", 2], ["resnet8", "eval", 2], ["resnet8", "train", 2]]
+    assert (tmp_path / "o" / "train" / "resnet8" / "responses.json").exists()
+    # the initialisation baseline is the architecture's seeded He init measured with batch statistics
+    from layer_probe.analysis import closeness_summary
+    from layer_probe.data import load_cifar10, to_tensors
+    from layer_probe.measurement import ProbeConfig, measure_images
+    from layer_probe.models import build_model
+
+    images, labels = to_tensors(load_cifar10(tree, "test"))
+    expected = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        r = measure_images(build_model("resnet8").eval(), images, labels, (0.5,) * 3, (0.25,) * 3,
+                           ProbeConfig(bn_mode="train"), progress=False)
+        expected.append(closeness_summary(r)["mean_ratio"])
+    row = closeness[closeness.model == "resnet8"].iloc[0]
+    assert row["init_mean_ratio"] == pytest.approx(np.mean(expected), rel=1e-9)

@@ -42,7 +42,7 @@ from layer_probe.data import CLASSES, load_cifar10, to_tensors
 from layer_probe.errors import LayerProbeError
 from layer_probe.plots import plot_responses, save_figure
 from layer_probe.probe import run_probe
-from layer_probe.results import ProbeConfig, measure_responses
+from layer_probe.measurement import ProbeConfig, measure_images
 from layer_probe.sites import find_sites
 from layer_probe.train import RECIPES, TrainConfig, epochs_path, history_path, train
 from test_cli import ckpt, run  # noqa: F401 - fixture
@@ -462,10 +462,10 @@ def test_bad_numbers_are_refused_before_anything_runs(argv, message, capsys):
 def test_bad_numbers_in_the_library_are_errors(tree):
     model, data = trained_like("resnet8"), load_cifar10(tree, "test")
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    with pytest.raises(LayerProbeError, match="--batch-size must be at least 1, got 0"):
-        measure_responses(model, images, labels, (0.5,) * 3, (0.25,) * 3, ProbeConfig(batch_size=0), progress=False)
+    with pytest.raises(LayerProbeError, match="batch_size must be at least 1, got 0"):
+        measure_images(model, images, labels, (0.5,) * 3, (0.25,) * 3, ProbeConfig(batch_size=0), progress=False)
     for limit in (0, -5):
-        with pytest.raises(LayerProbeError, match=f"--limit must be a positive number of images, got {limit}"):
+        with pytest.raises(LayerProbeError, match=f"limit must be a positive number of images, got {limit}"):
             to_tensors(data, limit)
 
 
@@ -695,8 +695,8 @@ def test_a_failed_probe_leaves_the_model_as_it_was(failure, bn_mode):
             run_probe(model, layout, interrupted(), bn_mode=bn_mode, ratios=True, progress=False)
     else:
         images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
-        with pytest.raises(LayerProbeError, match="--batch-size"):
-            measure_responses(model, images, torch.zeros(6, dtype=torch.long), (0.5,) * 3, (0.25,) * 3,
+        with pytest.raises(LayerProbeError, match="batch_size must be at least 1"):
+            measure_images(model, images, torch.zeros(6, dtype=torch.long), (0.5,) * 3, (0.25,) * 3,
                               ProbeConfig(bn_mode=bn_mode, batch_size=0), progress=False, layout=layout)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -717,9 +717,10 @@ def test_sigterm_during_training_then_resume_loses_only_the_unfinished_epoch(tmp
             f.unlink()
     out, run_dir = tmp_path / "r8.pt", tmp_path / "run"
     argv = [sys.executable, "-u", "-m", "layer_probe", "train", "--arch", "resnet8", "--limit", "100", "--epochs", "3",
-            "--data", str(data), "--out", str(out), "--run-dir", str(run_dir), "--device", "cpu"]
+            "--data", str(data), "--out", str(out), "--run-dir", str(run_dir), "--device", "cpu", "--precision", "fp32"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
+        assert proc.stdout.readline() == "resnet8: precision fp32 (as requested)\n"
         first = proc.stdout.readline()
         assert first.startswith("resnet8 epoch 1/3: "), first + proc.stderr.read()
         proc.send_signal(signal.SIGTERM)
@@ -737,10 +738,10 @@ def test_sigterm_during_training_then_resume_loses_only_the_unfinished_epoch(tmp
     assert f"resnet8 epoch {finished[-1]}/3" not in resumed.stdout and "resnet8 epoch 3/3" in resumed.stdout
     log, history = pd.read_csv(epochs_path(out)), pd.read_csv(history_path(out))
     assert log["epoch"].tolist() == [1, 2, 3]
-    assert history.groupby("epoch").size().to_dict() == {e: 7 for e in range(4)}
+    assert history.groupby("epoch").size().to_dict() == {e: 2 * 7 for e in range(4)}  # both BN modes
     # nothing lost: the same weights and epoch log as a run never interrupted
     whole = TrainConfig(arch="resnet8", out=tmp_path / "whole" / "r8.pt", recipe=replace(RECIPES["fast"], epochs=3),
-                        data=str(data), run_dir=tmp_path / "whole-run", limit=100, progress=False)
+                        data=str(data), run_dir=tmp_path / "whole-run", limit=100, progress=False, precision="fp32")
     train(whole)
     a, b = load_checkpoint(out).model.state_dict(), load_checkpoint(whole.out).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -27,16 +27,18 @@ def test_unknown_format(responses, tmp_path):  # noqa: F811
         save_figure(plot_responses([responses]), tmp_path / "fig.jpg")
 
 
-def test_dynamics_colours_span_the_trained_epochs_not_the_initialisation():
+def test_dynamics_never_shows_eval_mode_at_initialisation():
     rng = np.random.default_rng(0)
     frames = []
     for label in ("plain8", "resnet8"):
-        stds = {0: np.full(7, 1e6 if label == "resnet8" else 1e-3)}  # epoch 0: raw conv outputs
-        stds.update({e: rng.uniform(0.5, 2.0, 7) for e in (1, 2, 3)})
-        rows = [{"epoch": e, "index": i + 1, "name": f"layer1.{i}.bn2", "role": "branch_out", "std": v, "ratio": 0.5,
-                 "stage": 1} for e, values in stds.items() for i, v in enumerate(values)]
+        stds = {(0, "eval"): np.full(7, 1e6), (0, "train"): np.ones(7)}  # epoch 0 in eval mode: raw conv outputs
+        stds.update({(e, m): rng.uniform(0.5, 2.0, 7) for e in (1, 2, 3) for m in ("eval", "train")})
+        rows = [{"epoch": e, "bn_mode": m, "index": i + 1, "name": f"layer1.{i}.bn2", "role": "branch_out", "std": v,
+                 "ratio": 0.5, "stage": 1, "block": i} for (e, m), values in stds.items() for i, v in enumerate(values)]
         frames.append((label, pd.DataFrame(rows)))
     fig = plot_dynamics([History(label, frame) for label, frame in frames])
-    trained = np.concatenate([f.loc[f.epoch >= 1, "std"].to_numpy() for _, f in frames])
+    shown = np.concatenate([f.loc[((f.epoch >= 1) & (f.bn_mode == "eval")) | ((f.epoch == 0) & (f.bn_mode == "train")),
+                                  "std"].to_numpy() for _, f in frames])
     norm = fig.axes[0].collections[0].norm
-    assert (norm.vmin, norm.vmax) == pytest.approx(tuple(np.percentile(trained, [1, 99])))
+    assert np.asarray(fig.axes[0].collections[0].get_array()).max() < 1e6
+    assert (norm.vmin, norm.vmax) == pytest.approx(tuple(np.percentile(shown, [1, 99])))

@@ -85,8 +85,8 @@ def test_a_failed_compile_is_one_line_and_leaves_no_hook(monkeypatch):
 
     model, data = trained_like("resnet8"), batches(1)
     monkeypatch.setattr(stats, "fused", broken)
-    with pytest.raises(LayerProbeError, match=r"^--compile: torch.compile failed on cpu \(InductorError: no working C\+\+ "
-                       r"compiler found\); run without --compile$"):
+    with pytest.raises(LayerProbeError, match=r"^compiled statistics: torch.compile failed on cpu \(InductorError: no working C\+\+ "
+                       r"compiler found\); measure without them \(compiled=False; on the command line, drop --compile\)$"):
         run_probe(model, find_sites(model), data, progress=False, compiled=True)
     assert no_hooks(model) and not model.training
 

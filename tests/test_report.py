@@ -18,7 +18,7 @@ def trained(tmp_path, tree, epochs=1):
     for arch in ("resnet8", "plain8"):
         cfg = TrainConfig(arch=arch, out=tmp_path / "ckpt" / f"{arch}.pt", recipe=replace(
             RECIPES["fast"], epochs=epochs, batch_size=20), data=str(tree), run_dir=tmp_path / arch, probe_images=20,
-            progress=False)
+            progress=False, precision="fp32")
         paths.append(str(train(cfg)))
     return paths
 
@@ -34,7 +34,7 @@ def test_checkpoint_card_lists_each_file_with_its_checksum_and_log(tmp_path, tre
         row = next(line for line in readme.splitlines() if line.startswith(f"| {arch} |"))
         log = pd.read_csv(path.replace(".pt", ".epochs.csv"))
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        assert digest in row and digest in printed and "| fast | 2 |" in row
+        assert digest in row and digest in printed and "| fast | batch_size=20 | fp32 | 2 |" in row  # switches, precision
         assert f"| {log.train_error.iloc[-1]:.4g} | {100 - log.test_error.iloc[-1]:.4g} |" in row
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from layer_probe.models import build_model
-from layer_probe.results import ProbeConfig, Responses, format_table, measure_responses
+from layer_probe.measurement import ProbeConfig, measure_images
+from layer_probe.results import Responses, format_table
 from test_probe import trained_like
 
 
@@ -13,7 +14,7 @@ def responses():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8)
     labels = torch.randint(0, 10, (24,))
-    return measure_responses(trained_like("resnet8"), images, labels, (0.5,) * 3, (0.25,) * 3,
+    return measure_images(trained_like("resnet8"), images, labels, (0.5,) * 3, (0.25,) * 3,
                              ProbeConfig(batch_size=10), meta={"arch": "resnet8"}, progress=False)
 
 
@@ -30,8 +31,8 @@ def test_channel_axes_reports_the_mean_per_channel_std():
     torch.manual_seed(0)
     images, labels = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
     model = trained_like("resnet8")
-    pooled = measure_responses(model, images, labels, (0.5,) * 3, (0.25,) * 3, progress=False)
-    channel = measure_responses(model, images, labels, (0.5,) * 3, (0.25,) * 3, ProbeConfig(axes="channel"),
+    pooled = measure_images(model, images, labels, (0.5,) * 3, (0.25,) * 3, progress=False)
+    channel = measure_images(model, images, labels, (0.5,) * 3, (0.25,) * 3, ProbeConfig(axes="channel"),
                                 progress=False)
     for a, b in zip(pooled.sites, channel.sites):
         assert math.isclose(b.std, sum(a.channel_std) / len(a.channel_std), rel_tol=1e-9)
@@ -59,6 +60,6 @@ def test_nan_sites_are_counted_exactly():
     with torch.no_grad():
         model.layer3[0].bn2.bias[1] = float("nan")
     images, labels = torch.zeros(4, 32, 32, 3, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
-    r = measure_responses(model, images, labels, (0.5,) * 3, (0.25,) * 3, progress=False)
+    r = measure_images(model, images, labels, (0.5,) * 3, (0.25,) * 3, progress=False)
     assert r["layer3.0.bn2"].nonfinite == 4 * 8 * 8 and math.isnan(r["layer3.0.bn2"].std)
     assert r["layer3.0.bn1"].nonfinite == 0 and r["layer3.0.bn2"].rank == 7

@@ -15,7 +15,7 @@ from layer_probe.analysis import AnalysisConfig, analyze
 from layer_probe.checkpoint import load_checkpoint
 from layer_probe.data import load_cifar10, to_tensors
 from layer_probe.probe import top1
-from layer_probe.results import measure_responses
+from layer_probe.measurement import measure_images
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED = sorted(CHECKPOINTS.glob("*.pt"))
@@ -73,7 +73,7 @@ def test_resnets_respond_less_than_plain_nets(depth, test_images):
     means = {}
     for path in shipped(f"resnet{depth}", f"plain{depth}"):
         ckpt = load_checkpoint(path)
-        responses = measure_responses(ckpt.model, *test_images, ckpt.mean, ckpt.std, progress=False)
+        responses = measure_images(ckpt.model, *test_images, ckpt.mean, ckpt.std, progress=False)
         means[path.stem] = sum(s.std for s in responses.sites) / len(responses.sites)
     assert means[f"resnet{depth}"] < means[f"plain{depth}"], means
 

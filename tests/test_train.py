@@ -7,15 +7,17 @@ import torch
 from layer_probe.checkpoint import load_checkpoint
 from layer_probe.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, to_tensors
 from layer_probe.errors import LayerProbeError
-from layer_probe.results import ProbeConfig, measure_responses
+from layer_probe.measurement import ProbeConfig, measure_images
 from layer_probe.train import RECIPES, TrainConfig, augment, epochs_path, history_path, lr_at, train
 
 TINY = replace(RECIPES["fast"], epochs=2, batch_size=20)
 
 
 def config(tmp_path, tree, **kw):
+    # a fixed precision: `auto` times the machine, and runs must be comparable bit for bit
     return TrainConfig(arch="resnet8", out=tmp_path / "r8.pt", recipe=kw.pop("recipe", TINY), data=str(tree),
-                       run_dir=tmp_path / "run", probe_images=20, progress=False, **kw)
+                       run_dir=tmp_path / "run", probe_images=20, progress=False,
+                       precision=kw.pop("precision", "bf16"), **kw)
 
 
 def test_augment_keeps_shapes_and_pixels():
@@ -52,9 +54,8 @@ def test_training_lowers_the_loss_and_writes_checkpoint_logs_and_history(tmp_pat
     assert ckpt.meta["dataset"] == tree.name  # the data's name, not this machine's absolute path
     assert len(ckpt.meta["dataset_sha256"]) == 64 and ckpt.meta["top1"] == pytest.approx(100 - log["test_error"].iloc[-1])
     history = pd.read_csv(history_path(cfg.out))
-    assert sorted(set(history["epoch"])) == [0, 1, 2, 3, 4] and len(history) == (1 + 4 * 2) * 7
-    # epoch 0 with batch statistics only (an untrained net's running statistics are BN's defaults), then both
-    assert history.groupby("epoch")["bn_mode"].apply(sorted).tolist() == [["train"] * 7] + [["eval"] * 7 + ["train"] * 7] * 4
+    assert sorted(set(history["epoch"])) == [0, 1, 2, 3, 4] and len(history) == 5 * 2 * 7
+    assert history.groupby("epoch")["bn_mode"].apply(sorted).tolist() == [["eval"] * 7 + ["train"] * 7] * 5
     assert history[(history.role == "branch_out")]["ratio"].notna().all()
 
 
@@ -66,9 +67,9 @@ def test_epoch0_history_is_batch_statistics_of_the_seeded_initialisation(tmp_pat
     from layer_probe.models import build_model
     fresh = build_model("resnet8").eval()  # the same seeded initialisation, probed independently
     images, labels = to_tensors(load_cifar10(tree, "test"), cfg.probe_images, seed=cfg.seed)
-    r = measure_responses(fresh, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=500, bn_mode="train"),
+    r = measure_images(fresh, images, labels, CIFAR_MEAN, CIFAR_STD, ProbeConfig(batch_size=500, bn_mode="train"),
                           progress=False)
-    assert set(history["bn_mode"]) == {"train"}
+    history = history[history.bn_mode == "train"]
     assert history["std"].tolist() == pytest.approx(r.std(), rel=1e-6)
     # known answer: BN with γ = 1, β = 0 on batch statistics outputs unit variance, up to its eps
     assert history["std"].tolist() == pytest.approx([1.0] * len(history), abs=1e-3)
@@ -121,3 +122,52 @@ def test_resuming_a_finished_run_keeps_the_checkpoint_bytes(tmp_path, tree, caps
     assert cfg.out.read_bytes() == before and cfg.out.stat().st_mtime_ns == stamp
     printed = capsys.readouterr().out
     assert "already trained (1 epochs)" in printed and "wrote" not in printed
+
+
+def test_resume_across_a_precision_change_records_each_epochs_precision(tmp_path, tree, capsys):
+    train(config(tmp_path, tree, recipe=replace(TINY, epochs=1), precision="bf16"))
+    out = train(config(tmp_path, tree, recipe=replace(TINY, epochs=1), precision="fp32"), resume=True)
+    assert "already trained" in capsys.readouterr().out  # finished runs are kept
+    cfg = config(tmp_path / "b", tree, precision="bf16")
+    with pytest.raises(KeyboardInterrupt):  # stop after epoch 1 of 2
+        import layer_probe.train as t
+        original = t._save_state
+        t._save_state = lambda *a: (original(*a), (_ for _ in ()).throw(KeyboardInterrupt))
+        try:
+            train(cfg)
+        finally:
+            t._save_state = original
+    train(replace(cfg, precision="fp32"), resume=True)
+    assert "epochs 1-1 ran in bf16" in capsys.readouterr().out
+    assert pd.read_csv(epochs_path(cfg.out))["precision"].tolist() == ["bf16", "fp32"]
+    assert load_checkpoint(cfg.out).meta["precision"] == "bf16+fp32" and out.exists()
+
+
+def test_recipes_decay_what_they_say_and_freeze_the_last_branch_bn():
+    from layer_probe.train import initial_model, param_groups
+
+    fast, faithful = RECIPES["fast"], RECIPES["faithful"]
+    assert (faithful.decay_all, faithful.label_smoothing) == (True, 0.0) and RECIPES["paper"].decay_all
+    assert replace(faithful, name="fast", decay_all=False, label_smoothing=0.1) == fast  # only the two departures
+    model = initial_model("resnet8", fast, 0)
+    decayed = {id(p) for g in param_groups(model, fast) if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == {n for n, _ in model.named_parameters() if n.endswith("weight") and "bn" not in n}
+    groups = param_groups(model, faithful)
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(model.parameters()))
+    frozen = initial_model("resnet8", replace(fast, freeze_last_bn=True), 0)
+    assert [n for n, p in frozen.named_parameters() if not p.requires_grad] == ["layer3.0.bn2.weight", "layer3.0.bn2.bias"]
+    assert all("layer3.0.bn2" not in n for g in param_groups(frozen, fast) for p in g["params"]
+               for n, q in frozen.named_parameters() if q is p)
+    seeded = initial_model("resnet8", fast, 0).state_dict()  # the same seed rebuilds the same initialisation
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in seeded.items())
+
+
+def test_frozen_bn_and_normalized_head_survive_training_and_reload(tmp_path, tree):
+    cfg = config(tmp_path, tree, recipe=replace(TINY, epochs=1, freeze_last_bn=True, head="normalized"))
+    train(cfg)
+    ckpt = load_checkpoint(cfg.out)
+    bn = ckpt.model.layer3[0].bn2
+    assert torch.equal(bn.weight, torch.ones(64)) and torch.equal(bn.bias, torch.zeros(64))
+    assert ckpt.model.head_bn is not None and not ckpt.model.head_bn.affine
+    assert ckpt.meta["recipe"]["head"] == "normalized" and ckpt.meta["recipe"]["freeze_last_bn"]
