@@ -10,6 +10,7 @@ Lightning's `model.` prefix, and `.safetensors` files.
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import re
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from .data import IMAGENET_MEAN, IMAGENET_STD, repository_root
 from .errors import LayerProbeError
 from .files import atomic_path
-from .models import build_model, is_cifar
+from .models import MODELS, build_model, is_cifar
 
 FORMAT = "layer-probe/1"
 STATE_KEYS = ("state_dict", "model", "net")  # where training scripts put the weights
@@ -49,6 +50,21 @@ class Checkpoint:
     @property
     def std(self) -> tuple[float, ...]:
         return tuple(self.meta.get("normalization", {}).get("std", IMAGENET_STD))
+
+    def initialised(self, seed: int = 0) -> nn.Module:
+        """The same architecture at initialisation, in eval mode: its registered builder under `seed` (the
+        CIFAR nets' He init), or else a copy of the model with every module's own `reset_parameters` under
+        `seed`. The baseline against which "small" and "learned" are judged."""
+        torch.manual_seed(seed)
+        if self.arch in MODELS:
+            return build_model(self.arch, **self.arch_kwargs).eval()
+        model = copy.deepcopy(self.model)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+        return model.eval()
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, arch_kwargs: dict[str, Any] | None = None,

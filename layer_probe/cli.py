@@ -342,7 +342,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         label = args.labels[i] if args.labels else ckpt.arch
         norm = tuple(meta["mean"]), tuple(meta["std"])
         batch_stats = replace(_probe_config(args), bn_mode="train")  # an untrained net's running statistics say nothing
-        initial = [measure_images(_initialised(ckpt, seed), images, labels, *norm, batch_stats, progress=False,
+        initial = [measure_images(ckpt.initialised(seed), images, labels, *norm, batch_stats, progress=False,
                                   meta={"label": f"{label} init {seed}"}, classes=len(CLASSES))
                    for seed in range(args.init_seeds)]
         for mode in args.bn_modes:
@@ -372,25 +372,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if baselines:
         print("", format_baselines(baselines), sep="\n")
     return 0
-
-
-def _initialised(ckpt, seed: int):  # noqa: ANN001, ANN202 - checkpoint.Checkpoint, nn.Module
-    """The checkpoint's architecture at initialisation: its registered builder with `seed` (the CIFAR nets' He
-    init), or else a copy of the model with every module's own `reset_parameters` under `seed`."""
-    import copy
-
-    from .models import MODELS, build_model
-
-    torch.manual_seed(seed)
-    if ckpt.arch in MODELS:
-        return build_model(ckpt.arch, **ckpt.arch_kwargs).eval()
-    model = copy.deepcopy(ckpt.model)
-    for m in model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-        if hasattr(m, "reset_running_stats"):
-            m.reset_running_stats()
-    return model.eval()
 
 
 def _baseline_frame(baselines):  # noqa: ANN001, ANN202 - analysis.Baseline, pandas.DataFrame
