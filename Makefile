@@ -9,7 +9,7 @@ export LAYER_PROBE_DATA
 endif
 ARCHS ?= resnet20 plain20 resnet56 plain56 resnet110
 
-.PHONY: env demo test lab checkpoints card ablations faithful replicates notebooks
+.PHONY: env demo test check-shipped lab checkpoints card ablations faithful replicates notebooks
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +24,10 @@ demo: env
 
 test: env
 	$(BIN)/pytest
+
+# Integrity of checkpoints/ (card, logs, histories, the degradation problem in the logs): not a test of the code
+check-shipped: env
+	$(BIN)/pytest tests/check_shipped.py
 
 # The five networks of Fig. 7, one after another; rerunning continues where a run stopped.
 checkpoints: env

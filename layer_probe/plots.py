@@ -14,6 +14,7 @@ from typing import Literal
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -49,13 +50,25 @@ def _colors(responses: Sequence[Responses]) -> dict[int, tuple]:
     return dict(zip(depths, sns.color_palette("colorblind", len(depths))))
 
 
-def plot_responses(responses: Sequence[Responses], *, style: Style = "report") -> Figure:
+def _panels(axes: Sequence[Axes] | None, rows: int, cols: int, figsize: tuple[float, float], **kw: object
+            ) -> tuple[Figure, np.ndarray]:
+    """The caller's axes (any sequence of rows*cols, so panels compose into their own figures), or new ones."""
+    if axes is not None:
+        axes = np.asarray(axes, dtype=object).reshape(rows, cols)
+        return axes.flat[0].figure, axes
+    fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False, layout="constrained", **kw)
+    return fig, axes
+
+
+def plot_responses(responses: Sequence[Responses], *, axes: Sequence[Axes] | None = None,
+                   style: Style = "report") -> Figure:
     """Fig. 7: std of each site by layer index (top) and sorted in descending order (bottom).
 
-    Plain nets are dashed, ResNets solid, one colour per depth.
+    Plain nets are dashed, ResNets solid, one colour per depth. `axes`: the two panels to draw into.
     """
     with plt.rc_context(_style(style)):
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(SINGLE_COLUMN * 1.6, SINGLE_COLUMN * 1.7), layout="constrained")
+        fig, ((top,), (bottom,)) = _panels(axes, 2, 1, (SINGLE_COLUMN * 1.6, SINGLE_COLUMN * 1.7))
+        own = axes is None
         colors = _colors(responses)
         for r in responses:
             plain = not r.residual
@@ -69,9 +82,16 @@ def plot_responses(responses: Sequence[Responses], *, style: Style = "report") -
                 ax.spines[["top", "right"]].set_visible(False)
         for ax in (top, bottom):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        handles, labels = top.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", frameon=False)
+        _legend(fig, top, own)
     return fig
+
+
+def _legend(fig: Figure, ax: Axes, own: bool) -> None:
+    """Beside the panels in a figure of our own; inside `ax` when drawing into the caller's axes."""
+    if own:
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", frameon=False)
+    else:
+        ax.legend(frameon=False, fontsize="small")
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -89,14 +109,15 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_analysis(analysis: Analysis, *, style: Style = "report") -> Figure:
+def plot_analysis(analysis: Analysis, *, axes: Sequence[Axes] | None = None, style: Style = "report") -> Figure:
     """The F(x) report against block number: std (with 95% CI) beside the gamma prediction,
-    ||F(x)||/||x|| (5th-95th percentile band), cos(F(x), x), and the top-1 change when the block is deleted."""
+    ||F(x)||/||x|| (5th-95th percentile band), cos(F(x), x), and the top-1 change when the block is deleted.
+    `axes`: the four panels to draw into."""
     blocks = analysis.blocks
     n = [b.number for b in blocks]
     with plt.rc_context(_style(style)):
-        fig, axes = plt.subplots(4, 1, figsize=(SINGLE_COLUMN * 1.4, SINGLE_COLUMN * 2.6), sharex=True,
-                                 layout="constrained")
+        fig, grid = _panels(axes, 4, 1, (SINGLE_COLUMN * 1.4, SINGLE_COLUMN * 2.6), sharex=True)
+        own, axes = axes is None, grid[:, 0]
         axes[0].errorbar(n, [b.std for b in blocks], yerr=[[b.std - b.std_low for b in blocks],
                          [b.std_high - b.std for b in blocks]], fmt="o-", ms=3, lw=1, capsize=2, label="measured")
         axes[0].plot(n, [b.gamma_std for b in blocks], "s--", ms=3, lw=1, label="predicted by γ, β")
@@ -112,11 +133,13 @@ def plot_analysis(analysis: Analysis, *, style: Style = "report") -> Figure:
         axes[3].set_ylabel("Δ top-1 when deleted (pp)")
         axes[3].set_xlabel("block (network order)")
         axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.suptitle(analysis.meta.get("label") or analysis.meta.get("arch", ""), fontsize="medium")
+        title = analysis.meta.get("label") or analysis.meta.get("arch", "")
+        fig.suptitle(title, fontsize="medium") if own else axes[0].set_title(title, fontsize="medium")
     return fig
 
 
-def plot_dynamics(histories: Sequence[History], *, bn_mode: str = "eval", style: Style = "report") -> Figure:
+def plot_dynamics(histories: Sequence[History], *, bn_mode: str = "eval", axes: Sequence[Axes] | None = None,
+                  style: Style = "report") -> Figure:
     """For each model: a heatmap of std (layer index x epoch) on a colour scale shared by all
     models, the mean std per stage against epoch, and the mean ||F(x)||/||x|| per stage.
 
@@ -130,8 +153,9 @@ def plot_dynamics(histories: Sequence[History], *, bn_mode: str = "eval", style:
     low, high = np.percentile(stds[stds > 0], [1, 99])
     norm = LogNorm(vmin=float(low), vmax=float(max(high, low * 1.01)))
     with plt.rc_context(_style(style)):
-        fig, axes = plt.subplots(len(histories), 3, figsize=(SINGLE_COLUMN * 2.6, 1.9 * len(histories) + 0.4),
-                                 squeeze=False, layout="constrained", gridspec_kw={"width_ratios": [1.6, 1, 1]})
+        own = axes is None
+        fig, axes = _panels(axes, len(histories), 3, (SINGLE_COLUMN * 2.6, 1.9 * len(histories) + 0.4),
+                            gridspec_kw={"width_ratios": [1.6, 1, 1]})
         for i, (row, h) in enumerate(zip(axes, histories)):
             matrix = h.std_matrix(bn_mode)
             sns.heatmap(matrix, ax=row[0], norm=norm, cmap="viridis", cbar=i == 0,
@@ -147,16 +171,16 @@ def plot_dynamics(histories: Sequence[History], *, bn_mode: str = "eval", style:
                     row[2].plot(part.epoch, part["ratio"], lw=1, label=name, color=f"C{stage}")
             row[1].set(xlabel="epoch", ylabel="mean std", yscale="log")
             row[2].set(xlabel="epoch", ylabel="mean ‖F(x)‖/‖x‖")
-        handles, labels = axes[0][1].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", frameon=False)
+        _legend(fig, axes[0][1], own)
     return fig
 
 
-def plot_training_curves(logs: dict[str, pd.DataFrame], *, style: Style = "report") -> Figure:
+def plot_training_curves(logs: dict[str, pd.DataFrame], *, axes: Sequence[Axes] | None = None,
+                         style: Style = "report") -> Figure:
     """Fig. 6's style: training error (dashed) and test error (solid) per epoch, plain nets left, ResNets right."""
     with plt.rc_context(_style(style)):
-        fig, axes = plt.subplots(1, 2, figsize=(SINGLE_COLUMN * 2, SINGLE_COLUMN * 0.9), sharey=True,
-                                 layout="constrained")
+        fig, grid = _panels(axes, 1, 2, (SINGLE_COLUMN * 2, SINGLE_COLUMN * 0.9), sharey=True)
+        axes = grid[0]
         for ax, kind in zip(axes, ("plain", "resnet")):
             names = [n for n in logs if n.rsplit("/", 1)[-1].startswith(kind)]
             for i, name in enumerate(sorted(names, key=depth_of)):

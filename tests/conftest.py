@@ -6,14 +6,22 @@ import io
 import pickle
 import shutil
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
+from layer_probe.checkpoint import save_checkpoint
+from layer_probe.cli import main
 from layer_probe.data import CLASSES
+from layer_probe.measurement import ProbeConfig, measure_images
+from layer_probe.models import build_model
+from layer_probe.train import RECIPES, TrainConfig
 
 matplotlib.use("Agg")  # figures are written to files, never shown
 
@@ -110,3 +118,85 @@ def _no_archive_beside_the_repository(monkeypatch):
     from layer_probe import data
 
     monkeypatch.setattr(data, "repository_root", lambda: None)
+
+
+# Shared by several test modules: tiny models with non-trivial BN, stored activations, fixtures.
+
+def eval_crop(path) -> np.ndarray:
+    """The standard ImageNet evaluation transform, by hand: shorter side to 256 (bilinear), centre 224x224."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        im = im.resize(size, Image.BILINEAR)
+        top, left = round((im.size[1] - 224) / 2), round((im.size[0] - 224) / 2)
+        return np.asarray(im)[top:top + 224, left:left + 224]
+
+
+TINY = replace(RECIPES["fast"], epochs=2, batch_size=20)
+
+
+def config(tmp_path, tree, **kw):
+    # a fixed precision: `auto` times the machine, and runs must be comparable bit for bit
+    return TrainConfig(arch="resnet8", out=tmp_path / "r8.pt", recipe=kw.pop("recipe", TINY), data=str(tree),
+                       run_dir=tmp_path / "run", probe_images=20, progress=False,
+                       precision=kw.pop("precision", "bf16"), **kw)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "resnet8.pt"
+    save_checkpoint(path, trained_like("resnet8"), "resnet8", meta={"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def responses():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (24,))
+    return measure_images(trained_like("resnet8"), images, labels, (0.5,) * 3, (0.25,) * 3,
+                             ProbeConfig(batch_size=10), meta={"arch": "resnet8"}, progress=False)
+
+
+def batches(n_batches=3, size=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g))
+            for _ in range(n_batches)]
+
+
+def trained_like(arch, seed=0):
+    """A model with non-trivial BN statistics and affine parameters."""
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 2.0)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def stored_activations(model, names, data):
+    """Independent reference: clone every site's output and keep it."""
+    store = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: store[n].append(out.detach().clone()))
+               for n in names]
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in data])
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v).double() for n, v in store.items()}, logits
+
+
+def no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -12,7 +12,7 @@ from layer_probe.measurement import ProbeConfig
 from layer_probe.results import Responses, SiteResponse
 from layer_probe.sites import find_sites
 from layer_probe.stats import Moments
-from test_probe import trained_like
+from conftest import trained_like
 
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 

@@ -4,25 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FOLDER_IMAGES, needs_compiler
+from conftest import FOLDER_IMAGES, needs_compiler, run
 from layer_probe.checkpoint import save_checkpoint
 from layer_probe.cli import main
 from layer_probe.data import IMAGENET_MEAN, IMAGENET_STD
-from test_data import eval_crop
-from test_probe import stored_activations, trained_like
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "resnet8.pt"
-    save_checkpoint(path, trained_like("resnet8"), "resnet8", meta={"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}})
-    return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import eval_crop
+from conftest import stored_activations, trained_like
 
 
 def test_responses_table(ckpt, tree, capsys):

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torchvision.datasets import utils as torchvision_utils
 
-from conftest import FOLDER_IMAGES, synthetic_images
+from conftest import FOLDER_IMAGES, eval_crop, synthetic_images
 from layer_probe import data as data_module
 from layer_probe.checkpoint import save_checkpoint
 from layer_probe.cli import main
 from layer_probe.data import (CLASSES, IMAGENET_MEAN, IMAGENET_STD, batches, folder_batches, load_cifar10,
                               load_image_folder, normalize, repository_root, resolve_data, to_tensors)
 from layer_probe.errors import LayerProbeError
-from test_probe import trained_like
+from conftest import trained_like
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -217,18 +217,6 @@ def test_normalize_and_batches():
     with pytest.raises(LayerProbeError):
         next(batches(images, torch.arange(3), 0, (0,) * 3, (1,) * 3))
     assert CLASSES[0] == "airplane" and CLASSES[-1] == "truck"
-
-
-def eval_crop(path) -> np.ndarray:
-    """The standard ImageNet evaluation transform, by hand: shorter side to 256 (bilinear), centre 224x224."""
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
-        im = im.resize(size, Image.BILINEAR)
-        top, left = round((im.size[1] - 224) / 2), round((im.size[0] - 224) / 2)
-        return np.asarray(im)[top:top + 224, left:left + 224]
 
 
 def test_image_folder_batches_are_the_standard_eval_crops(image_folder):

@@ -23,7 +23,7 @@ from layer_probe.results import summarize
 from layer_probe.sites import find_sites
 from layer_probe.stats import Moments
 from layer_probe.train import RECIPES, augment, epochs_path, history_path, lr_at
-from test_probe import stored_activations, trained_like
+from conftest import stored_activations, trained_like
 
 NORM = {"mean": [0.5] * 3, "std": [0.25] * 3}
 

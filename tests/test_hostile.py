@@ -45,10 +45,9 @@ from layer_probe.probe import run_probe
 from layer_probe.measurement import ProbeConfig, measure_images
 from layer_probe.sites import find_sites
 from layer_probe.train import RECIPES, TrainConfig, epochs_path, history_path, train
-from test_cli import ckpt, run  # noqa: F401 - fixture
-from test_probe import batches, trained_like
-from test_results import responses  # noqa: F401 - fixture
-from test_train import config as train_config
+from conftest import run
+from conftest import batches, trained_like
+from conftest import config as train_config
 
 
 def assert_one_line_error(code, err, *fragments):

@@ -10,7 +10,7 @@ from layer_probe.analysis import AnalysisConfig, analyze
 from layer_probe.errors import LayerProbeError
 from layer_probe.measurement import ProbeConfig, measure_images
 from layer_probe.precision import Choice
-from test_probe import trained_like
+from conftest import trained_like
 
 
 def random_images(n=12, size=64, seed=0):

@@ -5,7 +5,6 @@ import pytest
 from layer_probe.errors import LayerProbeError
 from layer_probe.dynamics import History
 from layer_probe.plots import plot_dynamics, plot_responses, save_figure
-from test_results import responses  # noqa: F401 - fixture
 
 
 @pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
@@ -42,3 +41,23 @@ def test_dynamics_never_shows_eval_mode_at_initialisation():
     norm = fig.axes[0].collections[0].norm
     assert np.asarray(fig.axes[0].collections[0].get_array()).max() < 1e6
     assert (norm.vmin, norm.vmax) == pytest.approx(tuple(np.percentile(shown, [1, 99])))
+
+
+def test_fig7_draws_each_models_std_in_network_order_and_sorted(responses):  # noqa: F811
+    fig = plot_responses([responses])
+    top, bottom = fig.axes[:2]
+    (line,), (sorted_line,) = top.get_lines(), bottom.get_lines()
+    assert line.get_xdata().tolist() == list(range(1, len(responses) + 1))
+    assert line.get_ydata().tolist() == responses.std()
+    assert sorted_line.get_ydata().tolist() == sorted(responses.std(), reverse=True)
+    assert line.get_linestyle() == "-" and line.get_label() == responses.label  # a ResNet: solid
+
+
+def test_panels_compose_into_the_callers_figure(responses):  # noqa: F811
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2)
+    assert plot_responses([responses], axes=axes[:, 1]) is fig
+    assert axes[0, 0].get_lines() == [] and axes[0, 1].get_lines()[0].get_ydata().tolist() == responses.std()
+    assert len(fig.axes) == 4  # nothing added
+    plt.close(fig)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import needs_compiler
+from conftest import batches, needs_compiler, no_hooks, stored_activations, trained_like
 from torch import nn
 
 from layer_probe import stats
@@ -8,42 +8,6 @@ from layer_probe.errors import LayerProbeError
 from layer_probe.models import build_model
 from layer_probe.probe import Probe, run_probe
 from layer_probe.sites import find_sites
-
-
-def batches(n_batches=3, size=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g))
-            for _ in range(n_batches)]
-
-
-def trained_like(arch, seed=0):
-    """A model with non-trivial BN statistics and affine parameters."""
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.2, 2.0)
-            m.bias.data.uniform_(-0.5, 0.5)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def stored_activations(model, names, data):
-    """Independent reference: clone every site's output and keep it."""
-    store = {n: [] for n in names}
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: store[n].append(out.detach().clone()))
-               for n in names]
-    with torch.no_grad():
-        logits = torch.cat([model(x) for x, _ in data])
-    for h in handles:
-        h.remove()
-    return {n: torch.cat(v).double() for n, v in store.items()}, logits
-
-
-def no_hooks(model):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_compiler)], ids=["eager", "compiled"])

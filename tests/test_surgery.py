@@ -9,7 +9,7 @@ from layer_probe.models import build_model
 from layer_probe.sites import find_sites
 from layer_probe.probe import top1
 from layer_probe.surgery import deepen, identity_block, lesion, lesion_deltas
-from test_probe import trained_like
+from conftest import trained_like
 
 
 def relu_input(seed=0, channels=16):
