@@ -42,9 +42,15 @@ def lesion(model: nn.Module, block: Block) -> Iterator[Lesion]:
 
     A residual block computes x + 0 (its shortcut stays: option A/B transforms still apply). A
     plain block passes its input through, which only works when its input and output shapes match.
+    A residual block whose own forward computes F(x) (an inline layer scale: `branch_out` is the
+    block itself) has no module whose output is F(x) alone: it is left in place, not removable.
     """
-    module = dict(model.named_modules())[block.branch_out if block.residual else block.name]
     state = Lesion(block)
+    if block.residual and block.branch_out == block.name:
+        state.removable = False
+        yield state
+        return
+    module = dict(model.named_modules())[block.branch_out if block.residual else block.name]
 
     def zero(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         return torch.zeros_like(out)

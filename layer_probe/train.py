@@ -159,6 +159,9 @@ def freeze_last_branch_bn(model: nn.Module) -> str:
         raise LayerProbeError("freeze_last_bn: the model has no blocks")
     name = layout.blocks[-1].branch_out
     bn = model.get_submodule(name)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine:
+        raise LayerProbeError(f"freeze_last_bn: the last block's branch output {name} is a {type(bn).__name__}, "
+                              "not a BN layer with γ and β")
     with torch.no_grad():
         bn.weight.fill_(1.0)
         bn.bias.zero_()

@@ -428,3 +428,21 @@ def test_pytorchcv_preresnet20_cifar10():
     rec = run_probe(model, layout, [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))], ratios=True,
                     progress=False).recording
     assert all(len(rec.blocks[b.name].f_norm) == 1 for b in layout.blocks)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["layer-scale module", "inline x * gamma"])
+def test_a_lesion_removes_f_only_where_a_module_produces_it(inline):
+    from layer_probe.surgery import lesion
+
+    model = seeded(Net(NoBNBlock(4, inline), NoBNBlock(4, inline))).eval()
+    block = find_sites(model, quiet=True).blocks[1]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        intact = model(x)
+        with lesion(model, block) as cut:
+            lesioned = model(x)
+        if not inline:  # by hand: the last block passes its input x on, F(x) = 0
+            h = model.blocks[0](F.relu(model.bn(model.conv(x))))
+            assert torch.allclose(lesioned, model.fc(h.mean((2, 3))), atol=1e-6)
+    assert cut.removable != inline  # inline: no module outputs F(x) alone, so the block is left in place
+    assert inline == torch.equal(intact, lesioned)
