@@ -12,6 +12,7 @@ than the non-residual functions". This module turns each reading into a measurem
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -136,6 +137,10 @@ class Analysis:
         return cls(tuple(SiteStats(**s) for s in p.pop("sites")), tuple(BlockStats(**b) for b in p.pop("blocks")),
                    Rise(**rise), p.pop("closeness"), p.pop("gamma_fit"), p)
 
+    @classmethod
+    def load(cls, path: str | Path) -> Analysis:
+        return cls.from_json(Path(path).read_text())
+
     def save(self, directory: str | Path) -> None:
         """Write analysis.json, blocks.csv and sites.csv into `directory` (atomically)."""
         directory = Path(directory)
@@ -196,11 +201,22 @@ def rise(stds: Sequence[float], boot: np.ndarray, k: int = 1) -> tuple[float, fl
 
 def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
             config: AnalysisConfig = AnalysisConfig(), *, meta: dict[str, Any] | None = None,
-            progress: bool = True, layout: Layout | None = None) -> tuple[Analysis, Responses]:
+            progress: bool = True, layout: Layout | None = None, cache: bool = False) -> tuple[Analysis, Responses]:
     """The F(x) report for one model on uint8 images [N, 32, 32, 3]: one probe pass plus the lesions.
 
     `layout` is the model's selected sites when already known (default: `config.probe.sites`).
+    `cache=True` keeps the result in `<cache>/analyses/`, keyed by the weights, the images, the settings
+    and this package's version, so notebooks that ask the same question share one computation.
     """
+    if cache:
+        folder = _cache_folder(model, images, labels, mean, std, config, meta, layout)
+        if (folder / "analysis.json").exists():
+            return Analysis.load(folder / "analysis.json"), Responses.load(folder / "responses.json")
+        analysis, responses = analyze(model, images, labels, mean, std, config, meta=meta, progress=progress,
+                                      layout=layout)
+        responses.save(folder)  # first: analysis.json marks a complete entry
+        analysis.save(folder)
+        return analysis, responses
     pc = replace(config.probe, ratios=True)
     layout = layout or find_sites(model).select(pc.sites)
     responses, result = measure_pass(model, image_batches(images, labels, mean, std, pc.batch_size), pc,
@@ -238,6 +254,17 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
                         responses.meta | {"bootstrap": config.bootstrap, "lesion_images": len(keep),
                                           "probe_batch_size": pc.batch_size})
     return analysis, responses
+
+
+def _cache_folder(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                  config: AnalysisConfig, meta: dict[str, Any] | None, layout: Layout | None) -> Path:
+    from . import __version__
+    from .data import cache_dir
+
+    digest = hashlib.sha256(repr((__version__, mean, std, config, sorted((meta or {}).items()), layout)).encode())
+    for tensor in (*model.state_dict().values(), images, labels):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return cache_dir() / "analyses" / digest.hexdigest()[:32]
 
 
 def closeness(ratios: Sequence[float]) -> dict[str, float]:

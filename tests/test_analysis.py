@@ -22,10 +22,10 @@ def data(n=40, seed=0):
     return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def run(model, **kw):
+def run(model, cache=False, **kw):
     images, labels = data()
     config = AnalysisConfig(probe=ProbeConfig(batch_size=8), bootstrap=200, lesion_images=None, **kw)
-    return analyze(model, images, labels, MEAN, STD, config, progress=False)
+    return analyze(model, images, labels, MEAN, STD, config, progress=False, cache=cache)
 
 
 def test_a_block_whose_f_is_exactly_zero():
@@ -249,3 +249,18 @@ def test_baseline_sets_trained_closeness_against_initialisation():
     assert b.init["mean_ratio"] == pytest.approx(0.5) and b.init["below_0.5"] == pytest.approx(0.5)
     assert b.stages == ({"stage": 1, "trained": pytest.approx(0.3), "init": pytest.approx(0.5)},
                         {"stage": 2, "trained": pytest.approx(0.6), "init": pytest.approx(0.5)})
+
+
+def test_a_cached_analysis_is_the_same_and_is_keyed_by_the_weights(monkeypatch):
+    model = trained_like("resnet8")
+    first, _ = run(model, cache=True)
+    calls = []
+    import layer_probe.analysis as analysis_module
+
+    monkeypatch.setattr(analysis_module, "lesion_deltas", lambda *a, **k: calls.append(1) or [0.0] * 3)
+    again, responses = run(model, cache=True)  # served from the cache: no lesion pass
+    assert again.to_json() == first.to_json() and calls == [] and len(responses) == 7
+    with torch.no_grad():
+        model.layer1[0].bn2.weight.mul_(2)
+    changed, _ = run(model, cache=True)  # other weights, another entry
+    assert calls == [1] and changed.sites[2].std != first.sites[2].std
