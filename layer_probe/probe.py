@@ -12,7 +12,8 @@ moved to the host while batches run. F(x) and x are read at the block's addition
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,6 +114,30 @@ class _AtAdditions(TorchFunctionMode):
         self.stack.clear()
 
 
+
+@contextmanager
+def bn_statistics(model: nn.Module, bn_mode: BNMode) -> Iterator[None]:
+    """`model` in eval mode with its BN layers on their running statistics ("eval") or on each batch's
+    ("train"); every module's mode, and the running statistics train-mode BN would update, are restored."""
+    modes = {m: m.training for m in model.modules()}
+    saved = {}
+    model.eval()
+    if bn_mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                saved[m] = {k: v.clone() for k, v in m.named_buffers(recurse=False)}
+                m.train()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        with torch.no_grad():
+            for m, buffers in saved.items():
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
+
+
 class Probe:
     """Context manager that records the responses of `layout`'s sites while the model runs.
 
@@ -136,14 +161,12 @@ class Probe:
         self.recording = Recording(layout, {s.name: [] for s in layout.sites}, {s.name: [] for s in layout.sites},
                                    {b.name: BlockNorms() for b in layout.blocks} if ratios else {})
         self._hooks = Hooks()
-        self._modes: dict[nn.Module, bool] = {}
-        self._bn_buffers: dict[str, Tensor] = {}
+        self._statistics = ExitStack()
         self._additions: _AtAdditions | None = None
 
     def __enter__(self) -> Probe:
-        self._modes = {m: m.training for m in self.model.modules()}
         try:
-            self._set_mode()
+            self._statistics.enter_context(bn_statistics(self.model, self.bn_mode))
             if self.compiled:
                 self._compile()
             modules = dict(self.model.named_modules())
@@ -181,14 +204,6 @@ class Probe:
     def __exit__(self, *exc: object) -> None:
         self._restore()
 
-    def _set_mode(self) -> None:
-        self.model.eval()
-        if self.bn_mode == "train":  # batch statistics; keep the running ones untouched
-            for name, m in self.model.named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    self._bn_buffers.update({f"{name}.{k}": v.clone() for k, v in m.named_buffers()})
-                    m.train()
-
     def _compile(self) -> None:
         """Compile the fused reductions for both memory layouts now, with one clear error if that fails."""
         device = next(self.model.parameters()).device
@@ -213,14 +228,7 @@ class Probe:
             self._additions.__exit__(None, None, None)
             self._additions = None
         self._hooks.remove()
-        for m, training in self._modes.items():
-            m.training = training
-        if self._bn_buffers:
-            buffers = dict(self.model.named_buffers())
-            with torch.no_grad():
-                for k, v in self._bn_buffers.items():
-                    buffers[k].copy_(v)
-            self._bn_buffers.clear()
+        self._statistics.close()
 
     def _add_site(self, modules: dict[str, nn.Module], site: Site,
                   readers: dict[tuple[str, int], list[Callable[[Tensor, Tensor], None]]]) -> None:

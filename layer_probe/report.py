@@ -79,7 +79,8 @@ def build_report(checkpoints: Sequence[str | Path], out: str | Path, *, data: st
                   _markdown(finals), ""]
     shallow = [c for c in models if c.arch in ("resnet20", "plain20")]
     if shallow:
-        checks = [identity_check(c.model, c.arch, 6, images, labels, c.mean, c.std) for c in shallow]
+        checks = [identity_check(c.model, c.arch, 6, images, labels, c.mean, c.std, bn_mode=mode)
+                  for c in shallow for mode in ("eval", "train")]
         write_text(out / "identity.json", json.dumps([asdict(c) for c in checks], indent=1) + "\n")
         lines += ["## Identity construction: a deeper net that is no worse", "",
                   _markdown(pd.DataFrame([asdict(c) for c in checks])), ""]

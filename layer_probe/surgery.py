@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import batches
 from .errors import LayerProbeError
 from .models import BasicBlock, CifarNet
-from .probe import Hooks, hits, top1
+from .probe import BNMode, Hooks, bn_statistics, hits, top1
 from .sites import Block
 
 
@@ -167,23 +167,29 @@ class IdentityCheck:
     arch: str
     depth: int
     deep_depth: int
+    bn_mode: str  # eval: BN's running statistics; train: each batch's
     max_logit_diff: float  # max |logit difference| over all images and classes
     error: float  # top-1 error (percent) of the shallow network
     deep_error: float  # ... and of the deeper one: equal when the construction is exact
 
 
 def identity_check(model: CifarNet, arch: str, extra_blocks: int, images: Tensor, labels: Tensor,
-                   mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 500) -> IdentityCheck:
-    """Deepen `model` by identity blocks and measure how far the deeper network's outputs are from the shallow one's."""
+                   mean: tuple[float, ...], std: tuple[float, ...], batch_size: int = 500, *,
+                   bn_mode: BNMode = "eval") -> IdentityCheck:
+    """Deepen `model` by identity blocks and measure how far the deeper network's outputs are from the shallow one's.
+
+    Under batch statistics (`bn_mode="train"`) a residual identity block stays exact (γ = β = 0 makes F(x) = 0
+    whatever BN normalises by), while a plain one cannot be: its BN normalises each batch afresh, so no fixed
+    parameters make conv-BN-ReLU the identity on every batch.
+    """
     deep = deepen(model, extra_blocks)
     diff, wrong, deep_wrong = 0.0, 0, 0
-    model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), bn_statistics(model, bn_mode), bn_statistics(deep, bn_mode):
         for x, y in batches(images, labels, batch_size, mean, std):
             a, b = model(x), deep(x)
             diff = max(diff, float((a - b).abs().max()))
             wrong += len(y) - int(hits(a, y))
             deep_wrong += len(y) - int(hits(b, y))
     depth = 6 * len(model.layer1) + 2
-    return IdentityCheck(arch, depth, depth + 6 * extra_blocks, diff, 100.0 * wrong / len(labels),
+    return IdentityCheck(arch, depth, depth + 6 * extra_blocks, bn_mode, diff, 100.0 * wrong / len(labels),
                          100.0 * deep_wrong / len(labels))

@@ -97,3 +97,21 @@ def test_lesion_deltas_match_networks_with_the_block_taken_out(arch):
             assert math.isnan(delta)
     assert any(d != 0 for d in deltas if not math.isnan(d))  # the comparison has something to compare
     assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "plain8"])
+def test_identity_construction_under_each_bn_mode(arch):
+    """Exact under running statistics for both; under batch statistics exact only for residual blocks."""
+    from layer_probe.surgery import identity_check
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g), torch.zeros(24).long()
+    model = trained_like(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    running = identity_check(model, arch, 2, images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=8)
+    batch = identity_check(model, arch, 2, images, labels, (0.5,) * 3, (0.25,) * 3, batch_size=8, bn_mode="train")
+    assert (running.bn_mode, batch.bn_mode) == ("eval", "train") and running.max_logit_diff == 0.0
+    assert (batch.max_logit_diff == 0.0) == (arch == "resnet8")
+    if arch == "plain8":
+        assert batch.max_logit_diff > 1e-2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # running statistics untouched
