@@ -29,6 +29,7 @@ from .data import subset
 from .files import write_text
 from .measurement import ProbeConfig, image_batches, measure_pass
 from .probe import Recording
+from .separability import separability
 from .results import Responses
 from .sites import Layout, find_sites
 from .stats import Moments
@@ -47,6 +48,7 @@ class AnalysisConfig:
     seed: int = 0
     lesion_images: int | None = 2000  # images per lesion pass (a seeded subset); None: all
     rise_k: int = 1  # the rise compares the last k sites (default: the last block's F(x)) with the rest
+    separability: bool = True  # a linear probe after each block (one more forward pass)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class BlockStats:
     ratio_p95: float
     cosine: float  # mean cos(F(x), x)
     lesion_delta: float  # top-1 change (percentage points) when the block is deleted; NaN: cannot be
+    separability: float = float("nan")  # held-out top-1 of a linear probe on the pooled output (`separability`)
 
 
 @dataclass(frozen=True)
@@ -235,17 +238,19 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
                   for i, s in enumerate(layout.sites))
     keep = subset(len(labels), config.lesion_images, config.seed)
     deltas = lesion_deltas(model, layout.blocks, images[keep], labels[keep], mean, std, progress=progress)
+    separable = separability(model, layout.blocks, images, labels, mean, std) if config.separability \
+        else [float("nan")] * len(layout.blocks)
     by_block = {b.name: b for b in responses.blocks}
     site_of = {s.name: s for s in sites}
     blocks = []
-    for number, (block, delta) in enumerate(zip(layout.blocks, deltas), 1):
+    for number, (block, delta, sep) in enumerate(zip(layout.blocks, deltas, separable), 1):
         s, r = site_of.get(block.branch_out), by_block.get(block.name)
         nan = float("nan")
         blocks.append(BlockStats(number, block.name, s.index if s else -1, block.residual, s.std if s else nan,
                                  s.std_low if s else nan, s.std_high if s else nan,
                                  gamma_std(modules[block.branch_out]), r.ratio_mean if r else nan,
                                  r.ratio_p05 if r else nan, r.ratio_p95 if r else nan, r.cosine_mean if r else nan,
-                                 delta))
+                                 delta, sep))
     point, lo, hi = rise(stds, boot, config.rise_k)
     analysis = Analysis(sites, tuple(blocks), Rise(config.rise_k, point, lo, hi, lo > 1.0, _stage_rises(sites, boot),
                                                    _rise_evidence(sites, blocks, config.rise_k)),
@@ -349,7 +354,9 @@ def _finite_median(values: Sequence[float]) -> float:
 def _rise_evidence(sites: Sequence[SiteStats], blocks: Sequence[BlockStats], k: int) -> dict[str, float]:
     """What distinguishes the last layers: their gamma, their F(x) size, and the damage of deleting them."""
     last, rest = blocks[-1], blocks[:-1]
-    return {"gamma_std_last": float(np.mean([s.gamma_std for s in sites[-k:]])),
+    gains = np.diff([np.nan] + [b.separability for b in blocks])  # what each block adds to the linear probe's top-1
+    return {"separability_gain_last_block": float(gains[-1]),
+            "separability_gain_other_blocks_median": _finite_median(list(gains[:-1])),"gamma_std_last": float(np.mean([s.gamma_std for s in sites[-k:]])),
             "gamma_std_rest_median": _finite_median([s.gamma_std for s in sites[:-k]]),
             "ratio_last_block": last.ratio_mean,
             "ratio_other_blocks_median": _finite_median([b.ratio_mean for b in rest]),
@@ -487,10 +494,11 @@ def format_analysis(analysis: Analysis) -> str:
              f"top-1 {m.get('top1', float('nan')):.2f}% on {m.get('images', '?')} {m.get('split', '')} images; "
              f"std CIs: {m.get('bootstrap')} bootstrap resamples of batches; lesions on {m.get('lesion_images')} images",
              "", f"{'block':>5} {'name':<10} {'site':>4} {'std':>7} {'95% CI':>15} {'γ-pred':>7} "
-                 f"{'‖F‖/‖x‖':>8} {'cos':>6} {'Δtop-1':>7}"]
+                 f"{'‖F‖/‖x‖':>8} {'cos':>6} {'Δtop-1':>7} {'probe %':>8}"]
     for b in analysis.blocks:
         lines.append(f"{b.number:>5} {b.name:<10} {b.site_index:>4} {b.std:>7.3f} [{b.std_low:>6.3f}, {b.std_high:>6.3f}] "
-                     f"{b.gamma_std:>7.3f} {b.ratio_mean:>8.3f} {b.cosine:>6.2f} {b.lesion_delta:>7.2f}")
+                     f"{b.gamma_std:>7.3f} {b.ratio_mean:>8.3f} {b.cosine:>6.2f} {b.lesion_delta:>7.2f} "
+                     f"{b.separability:>8.1f}")
     c, g, e = analysis.closeness, analysis.gamma_fit, rise.evidence
     lines += ["", f"measured vs γ-predicted std over sites: Pearson r = {g['pearson_r']:.3f}, "
                   f"Spearman ρ = {g['spearman_rho']:.3f}; BN's normalised input has median variance "
@@ -503,7 +511,9 @@ def format_analysis(analysis: Analysis) -> str:
               for s in rise.stages]
     lines += [f"  last block: γ-pred std {e['gamma_std_last']:.3f} vs {e['gamma_std_rest_median']:.3f} (median of the rest); "
               f"‖F‖/‖x‖ {e['ratio_last_block']:.2f} vs {e['ratio_other_blocks_median']:.2f}; "
-              f"Δtop-1 when deleted {e['lesion_last_block']:.1f} vs {e['lesion_other_blocks_median']:.1f} pp"]
+              f"Δtop-1 when deleted {e['lesion_last_block']:.1f} vs {e['lesion_other_blocks_median']:.1f} pp; "
+              f"linear-probe top-1 gained {e['separability_gain_last_block']:+.1f} vs "
+              f"{e['separability_gain_other_blocks_median']:+.1f} pp"]
     return "\n".join(lines)
 
 
