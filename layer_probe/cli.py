@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rise-k", type=_positive, default=1, help="the rise compares the last K sites with the rest")
     p.set_defaults(batch_size=100)
 
+    p = sub.add_parser("ablations", help="which training choice makes the rise in the last layers (resnet20 runs)")
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), metavar="DIR",
+                   help="where resnet20.pt, ablations/ and faithful/ are (default: checkpoints)")
+    p.add_argument("--limit", type=_positive, help="analyse a seeded random subset of N test images")
+    p.add_argument("--out", type=Path, help="write ablations.csv and verdicts.csv here")
+    _add_data_args(p)
+
     p = sub.add_parser("compare", help="Fig. 7 for several checkpoints, with the paper's claims tested")
     p.add_argument("checkpoints", nargs="*", help=f"default: checkpoints/{{{','.join(FIG7)}}}.pt")
     _add_probe_args(p, several=True)
@@ -323,6 +330,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablations(args: argparse.Namespace) -> int:
+    from .ablations import ablation_table, find_runs, verdicts
+    from .data import load_cifar10, to_tensors
+    from .files import check_writable, write_text
+
+    runs = find_runs(args.checkpoints)
+    if not runs:
+        raise LayerProbeError(f"no resnet20 runs under {args.checkpoints} (train them with `make ablations`)")
+    if args.out:
+        check_writable(args.out)
+    images, labels = to_tensors(load_cifar10(args.data, "test", download=args.download), args.limit)
+    table = ablation_table(runs, images, labels)
+    judged = verdicts(table)
+    if args.out:
+        write_text(args.out / "ablations.csv", table.to_csv(index=False))
+        write_text(args.out / "verdicts.csv", judged.to_csv(index=False))
+    print(table.round(3).to_string(index=False), "", judged.round(3).to_string(index=False) if len(judged)
+          else "no ablation runs yet", sep="\n")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis import baseline, claims_table, compare, format_baselines, format_comparison
     from .data import CLASSES
@@ -469,7 +497,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"responses": cmd_responses, "analyze": cmd_analyze, "compare": cmd_compare, "dynamics": cmd_dynamics,
+COMMANDS = {"responses": cmd_responses, "analyze": cmd_analyze, "ablations": cmd_ablations, "compare": cmd_compare, "dynamics": cmd_dynamics,
             "report": cmd_report, "checkpoints": cmd_checkpoints, "sites": cmd_sites, "train": cmd_train}
 
 

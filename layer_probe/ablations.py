@@ -1,0 +1,88 @@
+"""Which training choice makes the rise of the std in the last layers? (Section 4.2, Fig. 7)
+
+Each ablation retrains resnet20 with the `fast` recipe and one switch (`make ablations`), paired
+with the shipped resnet20; the `faithful` resnet20 and its seed replicates give the spread a
+difference must exceed. One hypothesis per ablation:
+
+- `no-smoothing`: label smoothing caps how far the logits grow, and so the last block's scale;
+- `normalized-head`: the classifier needs large-scale features (a BN without affine before it
+  takes that need away);
+- `frozen-last-bn`: the last block does more of the classification (its BN keeps γ = 1, β = 0);
+- `faithful` against `no-smoothing`: weight decay on γ and β sets the response scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+
+from .analysis import AnalysisConfig, analyze
+from .checkpoint import load_checkpoint
+
+HYPOTHESES = {"no-smoothing": "label smoothing caps logit growth",
+              "normalized-head": "the classifier demands scale",
+              "frozen-last-bn": "the last block does more of the classification"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained network of the ablation study: its label, group and checkpoint."""
+
+    label: str  # e.g. "fast", "no-smoothing", "faithful seed 1"
+    group: str  # "baseline", an ablation name, or "faithful"
+    path: Path
+
+
+def find_runs(folder: str | Path = "checkpoints") -> list[Run]:
+    """The resnet20 runs that exist under `folder`: the shipped one, the ablations, the faithful seeds."""
+    folder = Path(folder)
+    runs = [Run("fast", "baseline", folder / "resnet20.pt")]
+    runs += [Run(name, name, folder / "ablations" / f"resnet20-{name}.pt") for name in HYPOTHESES]
+    runs += [Run(f"faithful seed {s}", "faithful", folder / "faithful" / ("resnet20.pt" if s == 0 else
+                                                                           f"resnet20-seed{s}.pt")) for s in range(3)]
+    return [r for r in runs if r.path.exists()]
+
+
+def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: AnalysisConfig = AnalysisConfig(),
+                   *, progress: bool = True) -> pd.DataFrame:
+    """Per run: top-1, the rise [CI], and the last block's γ-predicted std, ||F(x)||/||x||, lesion damage and
+    gain in linear-probe top-1, each against the median of the other blocks (analyses are cached)."""
+    rows = []
+    for run in runs:
+        ckpt = load_checkpoint(run.path)
+        a, _ = analyze(ckpt.model, images, labels, ckpt.mean, ckpt.std, config, meta={"label": run.label},
+                       progress=progress, cache=True)
+        e = a.rise.evidence
+        rows.append({"run": run.label, "group": run.group, "top1": a.meta["top1"], "rise": a.rise.ratio,
+                     "rise_low": a.rise.low, "rise_high": a.rise.high,
+                     "gamma_std_last": e["gamma_std_last"], "gamma_std_rest": e["gamma_std_rest_median"],
+                     "ratio_last": e["ratio_last_block"], "ratio_rest": e["ratio_other_blocks_median"],
+                     "lesion_last": e["lesion_last_block"], "lesion_rest": e["lesion_other_blocks_median"],
+                     "probe_gain_last": e["separability_gain_last_block"],
+                     "probe_gain_rest": e["separability_gain_other_blocks_median"]})
+    return pd.DataFrame(rows)
+
+
+def verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per ablation: its rise against the baseline's, and whether the difference falls outside the spread of
+    the faithful seeds' rises (the only spread measured). Without two or more seeds there is no verdict."""
+    seeds = table[table.group == "faithful"]["rise"]
+    spread = float(seeds.max() - seeds.min()) if len(seeds) >= 2 else np.nan
+    base = table[table.group == "baseline"]["rise"]
+    rows = []
+    for name, hypothesis in HYPOTHESES.items():
+        row = table[table.group == name]
+        if row.empty or base.empty:
+            continue
+        diff = float(row["rise"].iloc[0] - base.iloc[0])
+        verdict = ("no verdict: fewer than two seed replicates" if np.isnan(spread) else
+                   "outside the seed spread" if abs(diff) > spread else "within the seed spread")
+        rows.append({"ablation": name, "hypothesis": hypothesis, "rise": float(row["rise"].iloc[0]),
+                     "baseline_rise": float(base.iloc[0]), "difference": diff, "seed_spread": spread,
+                     "verdict": verdict})
+    return pd.DataFrame(rows)

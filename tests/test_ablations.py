@@ -1,0 +1,52 @@
+import math
+
+import pandas as pd
+import torch
+
+from conftest import run, trained_like
+from layer_probe.ablations import Run, ablation_table, find_runs, verdicts
+from layer_probe.analysis import AnalysisConfig
+from layer_probe.checkpoint import save_checkpoint
+from layer_probe.measurement import ProbeConfig
+
+NORM = {"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+
+
+def test_find_runs_lists_the_resnet20_runs_that_exist(tmp_path):
+    for rel in ("resnet20.pt", "ablations/resnet20-no-smoothing.pt", "faithful/resnet20.pt",
+                "faithful/resnet20-seed2.pt", "faithful/plain20.pt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).touch()
+    assert [(r.label, r.group) for r in find_runs(tmp_path)] == [
+        ("fast", "baseline"), ("no-smoothing", "no-smoothing"), ("faithful seed 0", "faithful"),
+        ("faithful seed 2", "faithful")]
+
+
+def test_table_reads_each_runs_analysis(tmp_path):
+    runs = []
+    for i, (label, group) in enumerate([("fast", "baseline"), ("no-smoothing", "no-smoothing")]):
+        path = tmp_path / f"{label}.pt"
+        save_checkpoint(path, trained_like("resnet8", seed=i), "resnet8", meta=NORM)
+        runs.append(Run(label, group, path))
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(40) % 10
+    config = AnalysisConfig(probe=ProbeConfig(batch_size=10), bootstrap=50, lesion_images=None)
+    table = ablation_table(runs, images, labels, config, progress=False)
+    assert table["run"].tolist() == ["fast", "no-smoothing"] and (table["rise_low"] <= table["rise_high"]).all()
+    judged = verdicts(table)
+    assert judged["verdict"].tolist() == ["no verdict: fewer than two seed replicates"]
+
+
+def test_a_difference_counts_only_outside_the_seed_spread():
+    table = pd.DataFrame({"run": ["fast", "no-smoothing", "frozen-last-bn", "s0", "s1", "s2"],
+                          "group": ["baseline", "no-smoothing", "frozen-last-bn", "faithful", "faithful", "faithful"],
+                          "rise": [1.70, 1.20, 1.65, 1.50, 1.58, 1.54]})
+    judged = verdicts(table).set_index("ablation")
+    assert math.isclose(judged.loc["no-smoothing", "seed_spread"], 0.08)
+    assert judged.loc["no-smoothing", "verdict"] == "outside the seed spread"  # -0.50
+    assert judged.loc["frozen-last-bn", "verdict"] == "within the seed spread"  # -0.05
+
+
+def test_ablations_command_without_runs_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "ablations", "--checkpoints", tmp_path)
+    assert code == 2 and err.strip() == f"layer-probe: error: no resnet20 runs under {tmp_path} (train them with `make ablations`)"
