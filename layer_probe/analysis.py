@@ -30,7 +30,7 @@ from .files import write_text
 from .measurement import ProbeConfig, image_batches, measure_pass
 from .probe import Recording
 from .separability import separability
-from .results import Responses
+from .results import BlockResponse, Responses, SiteResponse
 from .sites import Layout, find_sites
 from .stats import Moments
 from .surgery import lesion_deltas
@@ -52,41 +52,6 @@ class AnalysisConfig:
 
 
 @dataclass(frozen=True)
-class SiteStats:
-    """One site's std with its 95% bootstrap CI, and the std BN's affine parameters predict."""
-
-    index: int
-    name: str
-    role: str
-    stage: int
-    std: float
-    std_low: float
-    std_high: float
-    gamma_std: float  # sqrt(mean(gamma^2) + var(beta)): the std for a unit-variance normalised input
-    z_var: float  # variance of BN's normalised input, mean over channels: what gamma_std assumes is 1
-
-
-@dataclass(frozen=True)
-class BlockStats:
-    """How close one block's F(x) is to zero. Ratios are NaN where they are undefined."""
-
-    number: int  # 1-based, network order
-    name: str
-    site_index: int  # Fig. 7 index of the block's branch output
-    residual: bool
-    std: float
-    std_low: float
-    std_high: float
-    gamma_std: float
-    ratio_mean: float  # mean over images of ||F(x)|| / ||x||
-    ratio_p05: float
-    ratio_p95: float
-    cosine: float  # mean cos(F(x), x)
-    lesion_delta: float  # top-1 change (percentage points) when the block is deleted; NaN: cannot be
-    separability: float = float("nan")  # held-out top-1 of a linear probe on the pooled output (`separability`)
-
-
-@dataclass(frozen=True)
 class Rise:
     """Fig. 7's rise of the std in the last layers: mean std of the last k sites / median std of the rest."""
 
@@ -103,8 +68,8 @@ class Rise:
 class Analysis:
     """The F(x) report for one model."""
 
-    sites: tuple[SiteStats, ...]
-    blocks: tuple[BlockStats, ...]
+    sites: tuple[SiteResponse, ...]  # with their bootstrap CIs, γ predictions and z_var filled in
+    blocks: tuple[BlockResponse, ...]  # with number, site, std, γ prediction, lesion and separability filled in
     rise: Rise
     closeness: dict[str, float]  # share of residual blocks with mean ratio below each threshold
     gamma_fit: dict[str, float]  # agreement of measured and gamma-predicted std over sites
@@ -115,15 +80,11 @@ class Analysis:
         """The paper's reading, made concrete: most blocks have ||F(x)|| < ||x|| / 2."""
         return self.closeness.get("below_0.5", 0.0) > 0.5
 
-    def blocks_dataframe(self):  # noqa: ANN201 - pandas is imported lazily
-        import pandas as pd
+    def blocks_dataframe(self) -> pd.DataFrame:
+        return Responses(self.sites, self.blocks).blocks_dataframe()
 
-        return pd.DataFrame([asdict(b) for b in self.blocks])
-
-    def sites_dataframe(self):  # noqa: ANN201
-        import pandas as pd
-
-        return pd.DataFrame([asdict(s) for s in self.sites])
+    def sites_dataframe(self) -> pd.DataFrame:
+        return Responses(self.sites, self.blocks).to_dataframe()
 
     def to_json(self) -> str:
         payload = {**self.meta, "sites": [asdict(s) for s in self.sites], "blocks": [asdict(b) for b in self.blocks],
@@ -137,7 +98,8 @@ class Analysis:
         p.pop("close_to_zero", None)
         rise = p.pop("rise")
         rise["stages"] = tuple(rise["stages"])
-        return cls(tuple(SiteStats(**s) for s in p.pop("sites")), tuple(BlockStats(**b) for b in p.pop("blocks")),
+        sites = tuple(SiteResponse(**s | {"channel_std": tuple(s.get("channel_std", ()))}) for s in p.pop("sites"))
+        return cls(sites, tuple(BlockResponse(**b) for b in p.pop("blocks")),
                    Rise(**rise), p.pop("closeness"), p.pop("gamma_fit"), p)
 
     @classmethod
@@ -233,9 +195,8 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     modules = dict(model.named_modules())
     predicted = [gamma_std(modules[s.name]) for s in layout.sites]
     stds = responses.std()
-    sites = tuple(SiteStats(s.index, s.name, s.role, s.stage, stds[i], float(low[i]), float(high[i]), predicted[i],
-                            z_var(modules[s.name], rec.moments(s.name)))
-                  for i, s in enumerate(layout.sites))
+    sites = tuple(replace(s, std_low=float(low[i]), std_high=float(high[i]), gamma_std=predicted[i],
+                          z_var=z_var(modules[s.name], rec.moments(s.name))) for i, s in enumerate(responses.sites))
     keep = subset(len(labels), config.lesion_images, config.seed)
     deltas = lesion_deltas(model, layout.blocks, images[keep], labels[keep], mean, std, progress=progress)
     separable = separability(model, layout.blocks, images, labels, mean, std) if config.separability \
@@ -244,13 +205,12 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     site_of = {s.name: s for s in sites}
     blocks = []
     for number, (block, delta, sep) in enumerate(zip(layout.blocks, deltas, separable), 1):
-        s, r = site_of.get(block.branch_out), by_block.get(block.name)
-        nan = float("nan")
-        blocks.append(BlockStats(number, block.name, s.index if s else -1, block.residual, s.std if s else nan,
-                                 s.std_low if s else nan, s.std_high if s else nan,
-                                 gamma_std(modules[block.branch_out]), r.ratio_mean if r else nan,
-                                 r.ratio_p05 if r else nan, r.ratio_p95 if r else nan, r.cosine_mean if r else nan,
-                                 delta, sep))
+        s, nan = site_of.get(block.branch_out), float("nan")
+        # blocks without ratios (a plain block that changes shape) keep NaN for them
+        r = by_block.get(block.name) or BlockResponse(block.name, block.branch_out, block.residual, nan, nan, nan, nan, nan)
+        blocks.append(replace(r, number=number, site_index=s.index if s else -1, std=s.std if s else nan,
+                              std_low=s.std_low if s else nan, std_high=s.std_high if s else nan,
+                              gamma_std=gamma_std(modules[block.branch_out]), lesion_delta=delta, separability=sep))
     point, lo, hi = rise(stds, boot, config.rise_k)
     analysis = Analysis(sites, tuple(blocks), Rise(config.rise_k, point, lo, hi, lo > 1.0, _stage_rises(sites, boot),
                                                    _rise_evidence(sites, blocks, config.rise_k)),
@@ -266,7 +226,8 @@ def _cache_folder(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[
     from . import __version__
     from .data import cache_dir
 
-    digest = hashlib.sha256(repr((__version__, mean, std, config, sorted((meta or {}).items()), layout)).encode())
+    schema = [f.name for cls in (SiteResponse, BlockResponse, Rise) for f in fields(cls)]  # a new field: a new entry
+    digest = hashlib.sha256(repr((__version__, schema, mean, std, config, sorted((meta or {}).items()), layout)).encode())
     for tensor in (*model.state_dict().values(), images, labels):
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return cache_dir() / "analyses" / digest.hexdigest()[:32]
@@ -333,7 +294,7 @@ def baseline(trained: Responses, initial: Sequence[Responses]) -> Baseline:
                     {k: float(np.mean([d[k] for d in inits])) for k in inits[0]} if inits else {}, stages)
 
 
-def _stage_rises(sites: Sequence[SiteStats], boot: np.ndarray) -> tuple[dict[str, Any], ...]:
+def _stage_rises(sites: Sequence[SiteResponse], boot: np.ndarray) -> tuple[dict[str, Any], ...]:
     """Per stage: its last site's std over the median of its other sites, with the CI."""
     out = []
     for stage in sorted({s.stage for s in sites if s.stage > 0}):
@@ -351,7 +312,7 @@ def _finite_median(values: Sequence[float]) -> float:
     return float(np.median(finite)) if finite else float("nan")
 
 
-def _rise_evidence(sites: Sequence[SiteStats], blocks: Sequence[BlockStats], k: int) -> dict[str, float]:
+def _rise_evidence(sites: Sequence[SiteResponse], blocks: Sequence[BlockResponse], k: int) -> dict[str, float]:
     """What distinguishes the last layers: their gamma, their F(x) size, and the damage of deleting them."""
     last, rest = blocks[-1], blocks[:-1]
     gains = np.diff([np.nan] + [b.separability for b in blocks])  # what each block adds to the linear probe's top-1
@@ -497,7 +458,7 @@ def format_analysis(analysis: Analysis) -> str:
                  f"{'‖F‖/‖x‖':>8} {'cos':>6} {'Δtop-1':>7} {'probe %':>8}"]
     for b in analysis.blocks:
         lines.append(f"{b.number:>5} {b.name:<10} {b.site_index:>4} {b.std:>7.3f} [{b.std_low:>6.3f}, {b.std_high:>6.3f}] "
-                     f"{b.gamma_std:>7.3f} {b.ratio_mean:>8.3f} {b.cosine:>6.2f} {b.lesion_delta:>7.2f} "
+                     f"{b.gamma_std:>7.3f} {b.ratio_mean:>8.3f} {b.cosine_mean:>6.2f} {b.lesion_delta:>7.2f} "
                      f"{b.separability:>8.1f}")
     c, g, e = analysis.closeness, analysis.gamma_fit, rise.evidence
     lines += ["", f"measured vs γ-predicted std over sites: Pearson r = {g['pearson_r']:.3f}, "

@@ -126,7 +126,7 @@ def plot_analysis(analysis: Analysis, *, axes: Sequence[Axes] | None = None, sty
         axes[1].fill_between(n, [b.ratio_p05 for b in blocks], [b.ratio_p95 for b in blocks], alpha=0.3, lw=0)
         axes[1].plot(n, [b.ratio_mean for b in blocks], "o-", ms=3, lw=1)
         axes[1].set_ylabel("‖F(x)‖ / ‖x‖")
-        axes[2].plot(n, [b.cosine for b in blocks], "o-", ms=3, lw=1)
+        axes[2].plot(n, [b.cosine_mean for b in blocks], "o-", ms=3, lw=1)
         axes[2].axhline(0, color="0.5", lw=0.5)
         axes[2].set_ylabel("cos(F(x), x)")
         axes[3].bar(n, [b.lesion_delta for b in blocks], color="C3")

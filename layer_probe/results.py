@@ -41,6 +41,11 @@ class SiteResponse:
     rank: int
     nonfinite: int  # NaN/Inf values seen; std and mean are NaN when this is not 0
     channel_std: tuple[float, ...] = ()
+    # filled in by `analysis.analyze`:
+    std_low: float = math.nan  # 95% bootstrap CI of std (batches resampled)
+    std_high: float = math.nan
+    gamma_std: float = math.nan  # sqrt(mean(γ²) + var(β)): the std for a unit-variance normalised input
+    z_var: float = math.nan  # variance of BN's normalised input, mean over channels: what gamma_std assumes is 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,15 @@ class BlockResponse:
     ratio_p50: float
     ratio_p95: float
     cosine_mean: float
+    # filled in by `analysis.analyze`:
+    number: int = 0  # 1-based, network order
+    site_index: int = -1  # Fig. 7 index of the block's branch output
+    std: float = math.nan  # of F(x), with its CI
+    std_low: float = math.nan
+    std_high: float = math.nan
+    gamma_std: float = math.nan
+    lesion_delta: float = math.nan  # top-1 change (percentage points) when the block is deleted; NaN: cannot be
+    separability: float = math.nan  # held-out top-1 of a linear probe on the pooled output (`separability`)
 
 
 @dataclass(frozen=True)
@@ -113,15 +127,21 @@ class Responses:
     def to_dataframe(self) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.DataFrame([{k: v for k, v in asdict(s).items() if k != "channel_std"} for s in self.sites])
+        return pd.DataFrame([{k: v for k, v in _filled(s).items() if k != "channel_std"} for s in self.sites])
 
     def blocks_dataframe(self) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.DataFrame([asdict(b) for b in self.blocks], columns=[f.name for f in fields(BlockResponse)])
+        columns = [f.name for f in fields(BlockResponse) if f.name not in _BLOCK_ANALYZED or self.analyzed]
+        return pd.DataFrame([_filled(b) for b in self.blocks], columns=columns)
+
+    @property
+    def analyzed(self) -> bool:
+        """Whether `analysis.analyze` filled in the CIs, γ predictions, lesions and separability."""
+        return any(b.number for b in self.blocks) or any(not math.isnan(s.gamma_std) for s in self.sites)
 
     def to_json(self) -> str:
-        payload = {**self.meta, "sites": [asdict(s) for s in self.sites], "blocks": [asdict(b) for b in self.blocks]}
+        payload = {**self.meta, "sites": [_filled(s) for s in self.sites], "blocks": [_filled(b) for b in self.blocks]}
         return json.dumps(payload, indent=1, allow_nan=True) + "\n"
 
     @classmethod
@@ -169,6 +189,20 @@ def _block_response(block, norms) -> BlockResponse:  # noqa: ANN001 - sites.Bloc
     q = torch.quantile(ratio, torch.tensor([0.05, 0.5, 0.95], dtype=ratio.dtype, device=ratio.device)).tolist()
     return BlockResponse(block.name, block.branch_out, block.residual, float(ratio.mean()), *q,
                          float(torch.cat(norms.cosine).mean()))
+
+
+# the fields `analysis.analyze` fills in
+_SITE_ANALYZED = {"std_low", "std_high", "gamma_std", "z_var"}
+_BLOCK_ANALYZED = {"number", "site_index", "std", "std_low", "std_high", "gamma_std", "lesion_delta", "separability"}
+
+
+def _filled(item: SiteResponse | BlockResponse) -> dict[str, Any]:
+    """The fields of a site or block, without those `analyze` fills in while they are unset."""
+    if isinstance(item, BlockResponse):
+        extra, unset = _BLOCK_ANALYZED, item.number == 0
+    else:
+        extra, unset = _SITE_ANALYZED, math.isnan(item.gamma_std)
+    return {k: v for k, v in asdict(item).items() if not (unset and k in extra)}
 
 
 def _percent(x: float) -> str:
