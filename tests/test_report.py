@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from layer_probe.checkpoint import save_checkpoint
+from layer_probe.checkpoint import load_checkpoint, save_checkpoint
 from layer_probe.cli import main
 from layer_probe.models import build_model
 from layer_probe.train import RECIPES, TrainConfig, train
@@ -55,3 +55,17 @@ def test_report_writes_every_figure_and_table(tmp_path, tree, capsys):
     text = (out / "report.md").read_text()
     assert "resnet8 vs plain8" in text and "JPEG" in text and "![Fig. 7](fig7.png)" in text
     assert (out / "resnet8" / "analysis.json").exists() and (out / "plain8" / "responses.json").exists()
+    # the numbers in it are those of an independent measurement of the same files on the same images
+    import json
+
+    from conftest import stored_activations
+    from layer_probe.data import CIFAR_MEAN, CIFAR_STD, batches, load_cifar10, to_tensors
+
+    images, labels = to_tensors(load_cifar10(tree, "test"), 40)
+    saved = json.loads((out / "resnet8" / "responses.json").read_text())
+    model = load_checkpoint(paths[0]).model
+    names = [s["name"] for s in saved["sites"]]
+    stored, logits = stored_activations(model.eval(), names, list(batches(images, labels, 40, CIFAR_MEAN, CIFAR_STD)))
+    assert [s["std"] for s in saved["sites"]] == pytest.approx([float(stored[n].std()) for n in names], rel=1e-6)
+    assert saved["top1"] == pytest.approx(100 * float((logits.argmax(1) == labels).double().mean()))
+    assert f"{saved['top1']:.4g}" in text  # the summary table carries it
