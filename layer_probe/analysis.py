@@ -351,6 +351,8 @@ class ClaimTest:
     effect: float
     effect_name: str
     holds: bool  # resnet_below_plain: p < alpha in the claimed direction; deeper_resnets_lower: means and medians fall
+    recipe: str = ""  # the networks' training recipe, where recorded (`meta["recipe"]`)
+    seed: int = 0
 
 
 def resnet_vs_plain(resnet: Responses, plain: Responses, alpha: float = 0.05) -> ClaimTest:
@@ -372,7 +374,7 @@ def resnet_vs_plain(resnet: Responses, plain: Responses, alpha: float = 0.05) ->
     return ClaimTest(f"resnet_below_plain_{resnet.depth}", "ResNet std < plain std at matched layers",
                      f"{resnet.label} vs {plain.label}", resnet.meta.get("bn_mode", "?"),
                      "Wilcoxon signed-rank, one-sided, paired by layer index (descriptive)", statistic, p, effect,
-                     "rank-biserial r", p < alpha)
+                     "rank-biserial r", p < alpha, resnet.meta.get("recipe", ""), resnet.meta.get("seed", 0))
 
 
 def depth_trend(resnets: Sequence[Responses], alpha: float = 0.05) -> ClaimTest:
@@ -392,19 +394,28 @@ def depth_trend(resnets: Sequence[Responses], alpha: float = 0.05) -> ClaimTest:
                      " > ".join(r.label for r in ordered), ordered[0].meta.get("bn_mode", "?"),
                      f"mean and median std fall with depth: means {[round(m, 3) for m in means]}, medians "
                      f"{[round(m, 3) for m in medians]}; Spearman over pooled sites (descriptive)",
-                     float(res.statistic), float(res.pvalue), float(res.statistic), "Spearman rho", monotone)
+                     float(res.statistic), float(res.pvalue), float(res.statistic), "Spearman rho", monotone,
+                     ordered[0].meta.get("recipe", ""), ordered[0].meta.get("seed", 0))
+
+
+def claims_by_seed(claims: pd.DataFrame) -> pd.DataFrame:
+    """Per claim and BN mode: in how many of the tested networks (seeds) it holds, with the effect's mean and
+    range over them. `claims` is `claims_table`'s output."""
+    return (claims.groupby(["claim", "recipe", "bn_mode"], sort=False)
+            .agg(holds=("holds", "sum"), tested=("holds", "size"), effect=("effect", "mean"),
+                 effect_min=("effect", "min"), effect_max=("effect", "max")).reset_index())
 
 
 def claims_table(comparisons: Sequence[Comparison]) -> pd.DataFrame:
-    """Each claim under each BN mode compared (one `Comparison` per mode): claim, bn_mode, statistic, p_value,
-    effect, holds, and `holds_in_every_mode`."""
+    """Each claim under each BN mode compared (one `Comparison` per mode): claim, recipe, seed, bn_mode,
+    statistic, p_value, effect, holds, and `holds_in_every_mode` (under every mode, for every seed tested)."""
     import pandas as pd
 
     frame = pd.concat([c.tests_dataframe() for c in comparisons], ignore_index=True)
-    every = frame.groupby("key")["holds"].transform("all")
+    every = frame.groupby(["key", "recipe"])["holds"].transform("all")
     return frame.rename(columns={"key": "claim", "claim": "reading"}).assign(holds_in_every_mode=every)[
-        ["claim", "bn_mode", "models", "statistic", "p_value", "effect", "effect_name", "holds", "holds_in_every_mode",
-         "reading", "test"]]
+        ["claim", "recipe", "seed", "bn_mode", "models", "statistic", "p_value", "effect", "effect_name", "holds",
+         "holds_in_every_mode", "reading", "test"]]
 
 
 @dataclass(frozen=True)
@@ -432,15 +443,22 @@ class Comparison:
 
 
 def compare(models: Sequence[Responses], alpha: float = 0.05) -> Comparison:
-    """Test Fig. 7's readings on `models`: each ResNet-n against plain-n, and the ResNets over depth."""
+    """Test Fig. 7's readings on `models`: each ResNet-n against plain-n, and the ResNets over depth.
+
+    Networks are paired within a recipe and a seed (`meta["recipe"]`, `meta["seed"]`; "" and 0 when
+    absent): with seed replicates every claim is tested once per seed, the trained network being the
+    unit of replication (`claims_by_seed` counts in how many it holds).
+    """
     tests = []
-    plains = {r.depth: r for r in models if not r.residual}
-    resnets = [r for r in models if r.residual]
-    for r in sorted(resnets, key=lambda r: r.depth):
-        if r.depth in plains:
-            tests.append(resnet_vs_plain(r, plains[r.depth], alpha))
-    if len({r.depth for r in resnets}) >= 2:
-        tests.append(depth_trend(resnets, alpha))
+    runs = {}
+    for r in models:
+        runs.setdefault((r.meta.get("recipe", ""), r.meta.get("seed", 0)), []).append(r)
+    for _, rs in sorted(runs.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        plains = {r.depth: r for r in rs if not r.residual}
+        resnets = sorted((r for r in rs if r.residual), key=lambda r: r.depth)
+        tests += [resnet_vs_plain(r, plains[r.depth], alpha) for r in resnets if r.depth in plains]
+        if len({r.depth for r in resnets}) >= 2:
+            tests.append(depth_trend(resnets, alpha))
     close = {r.label: closeness([b.ratio_mean for b in r.blocks]) for r in models}
     summary = tuple({"label": r.label, "arch": r.meta.get("arch"), "sites": len(r), "mean_std": float(np.mean(r.std())),
                      "median_std": float(np.median(r.std())), "top1": r.top1} for r in models)

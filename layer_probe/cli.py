@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", help=f"default: checkpoints/{{{','.join(FIG7)}}}.pt")
     _add_probe_args(p, several=True)
     p.add_argument("--labels", nargs="+", help="one legend label per checkpoint")
+    p.add_argument("--set", choices=("fast", "faithful", "all"),
+                   help="the shipped networks of a recipe, with their seed replicates (default without checkpoints: fast)")
     p.add_argument("--bn-modes", nargs="+", choices=("eval", "train"), default=["eval", "train"],
                    help="test every claim under each (default: both running and batch statistics)")
     p.add_argument("--init-seeds", type=int, default=3, metavar="N",
@@ -299,8 +301,10 @@ def _load_model(args: argparse.Namespace, checkpoint: str, arch: str | None):  #
     else:
         ckpt = load_checkpoint(checkpoint, arch, device=device)
     layout = find_sites(ckpt.model).select(args.sites)
+    trained = ckpt.meta.get("recipe") if isinstance(ckpt.meta.get("recipe"), dict) else {}
     meta = {"checkpoint": checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "limit": args.limit,
-            "device": device, "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)}
+            "device": device, "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std),
+            "recipe": trained.get("name", ""), "seed": ckpt.meta.get("seed", 0)}
     return ckpt, layout, meta
 
 
@@ -358,7 +362,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .measurement import measure_images
     from .plots import plot_responses, save_figure
 
-    checkpoints = args.checkpoints or _shipped()
+    from .checkpoint import shipped
+
+    if args.checkpoints and args.set:
+        raise LayerProbeError("pass checkpoints or --set, not both")
+    recipes = ("fast", "faithful") if args.set == "all" else (args.set or "fast",)
+    checkpoints = args.checkpoints or [str(p) for r in recipes for p in shipped(r, existing=r != "fast")]
     for option in ("arch", "labels"):
         given = getattr(args, option)
         if given and len(given) != len(checkpoints):
@@ -367,7 +376,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     results, baselines = {mode: [] for mode in args.bn_modes}, []
     for i, path in enumerate(checkpoints):
         ckpt, layout, images, labels, meta = _load(args, path, args.arch[i] if args.arch else None)
-        label = args.labels[i] if args.labels else ckpt.arch
+        # a set's networks: "faithful/resnet20-seed1", of the group "faithful/resnet20" that Fig. 7 draws as one band
+        within = Path(path).with_suffix("").relative_to(Path(path).parents[1]) if args.set else None
+        label = args.labels[i] if args.labels else within.as_posix() if within else ckpt.arch
+        meta |= {"group": label.split("-seed")[0]}
         norm = tuple(meta["mean"]), tuple(meta["std"])
         batch_stats = replace(_probe_config(args), bn_mode="train")  # an untrained net's running statistics say nothing
         initial = [measure_images(ckpt.initialised(seed), images, labels, *norm, batch_stats, progress=False,
@@ -394,9 +406,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for mode, comparison in comparisons.items():
         print(f"BN {mode} ({'running' if mode == 'eval' else 'batch'} statistics)", format_comparison(comparison),
               "", sep="\n")
-    every = claims.groupby("claim")["holds"].agg(list)
-    print("claims holding under every BN mode measured: "
-          + (", ".join(k for k, v in every.items() if all(v)) or "none"))
+    from .analysis import claims_by_seed
+
+    print(claims_by_seed(claims).round(3).to_string(index=False))
+    every = claims.groupby(["claim", "recipe"])["holds"].all()
+    print("claims holding under every BN mode and seed measured: "
+          + (", ".join(f"{c}" + (f" ({r})" if r else "") for (c, r), v in every.items() if v) or "none"))
     if baselines:
         print("", format_baselines(baselines), sep="\n")
     return 0

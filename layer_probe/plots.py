@@ -64,17 +64,27 @@ def plot_responses(responses: Sequence[Responses], *, axes: Sequence[Axes] | Non
                    style: Style = "report") -> Figure:
     """Fig. 7: std of each site by layer index (top) and sorted in descending order (bottom).
 
-    Plain nets are dashed, ResNets solid, one colour per depth. `axes`: the two panels to draw into.
+    Plain nets are dashed, ResNets solid, one colour per depth. Networks of one group (`meta["group"]`:
+    seed replicates of one architecture and recipe) are drawn as their mean with a min-max band.
+    `axes`: the two panels to draw into.
     """
+    groups: dict[str, list[Responses]] = {}
+    for r in responses:
+        groups.setdefault(r.meta.get("group", r.label), []).append(r)
     with plt.rc_context(_style(style)):
         fig, ((top,), (bottom,)) = _panels(axes, 2, 1, (SINGLE_COLUMN * 1.6, SINGLE_COLUMN * 1.7))
         own = axes is None
         colors = _colors(responses)
-        for r in responses:
-            plain = not r.residual
-            kw = {"color": colors[r.depth], "linestyle": "--" if plain else "-", "linewidth": 1.0, "label": r.label}
-            top.plot([s.index for s in r.sites], r.std(), **kw)
-            bottom.plot(range(1, len(r) + 1), [s.std for s in r.sorted()], **kw)
+        for label, members in groups.items():
+            r = members[0]
+            kw = {"color": colors[r.depth], "linestyle": "-" if r.residual else "--", "linewidth": 1.0,
+                  "label": label if len(members) == 1 else f"{label} ({len(members)} seeds)"}
+            ordered = np.array([m.std() for m in members])
+            ranked = -np.sort(-ordered, axis=1)
+            for ax, x, values in ((top, [s.index for s in r.sites], ordered), (bottom, range(1, len(r) + 1), ranked)):
+                ax.plot(x, values.mean(0), **kw)
+                if len(members) > 1:
+                    ax.fill_between(x, values.min(0), values.max(0), color=kw["color"], alpha=0.2, linewidth=0)
         top.set(xlabel="layer index (3×3 conv, network order)", ylabel="std of BN output")
         bottom.set(xlabel="layer index (sorted by std)", ylabel="std of BN output")
         if style == "paper":

@@ -264,3 +264,24 @@ def test_a_cached_analysis_is_the_same_and_is_keyed_by_the_weights(monkeypatch):
         model.layer1[0].bn2.weight.mul_(2)
     changed, _ = run(model, cache=True)  # other weights, another entry
     assert calls == [1] and changed.sites[2].std != first.sites[2].std
+
+
+def test_replicates_are_paired_by_recipe_and_seed_and_counted():
+    from layer_probe.analysis import claims_by_seed, claims_table
+
+    def run_(label, stds, recipe, seed):
+        r = responses(label, stds)
+        r.meta.update(recipe=recipe, seed=seed, bn_mode="eval")
+        return r
+
+    models = []
+    for seed, gap in ((0, 0.5), (1, 0.4), (2, -0.3)):  # seed 2's ResNet responds more than its plain net
+        models += [run_("plain20", np.linspace(1, 2, 19), "faithful", seed),
+                   run_("resnet20", np.linspace(1, 2, 19) - gap, "faithful", seed)]
+    models += [run_("plain20", np.linspace(1, 2, 19), "fast", 0), run_("resnet20", np.linspace(0.5, 1.5, 19), "fast", 0)]
+    table = claims_table([compare(models)])
+    assert table[["recipe", "seed", "holds"]].values.tolist() == [
+        ["faithful", 0, True], ["faithful", 1, True], ["faithful", 2, False], ["fast", 0, True]]
+    counted = claims_by_seed(table).set_index("recipe")
+    assert (counted.loc["faithful", "holds"], counted.loc["faithful", "tested"]) == (2, 3)
+    assert counted.loc["faithful", "effect_min"] == -1.0 and counted.loc["fast", "tested"] == 1

@@ -61,3 +61,17 @@ def test_panels_compose_into_the_callers_figure(responses):  # noqa: F811
     assert axes[0, 0].get_lines() == [] and axes[0, 1].get_lines()[0].get_ydata().tolist() == responses.std()
     assert len(fig.axes) == 4  # nothing added
     plt.close(fig)
+
+
+def test_seed_replicates_are_drawn_as_their_mean_with_a_band(responses):  # noqa: F811
+    from dataclasses import replace
+
+    from layer_probe.results import Responses
+
+    shifted = Responses(tuple(replace(s, std=s.std + 0.5) for s in responses.sites), responses.blocks,
+                        responses.meta | {"label": "r-seed1", "group": "r"})
+    base = Responses(responses.sites, responses.blocks, responses.meta | {"label": "r", "group": "r"})
+    top = plot_responses([base, shifted]).axes[0]
+    (line,) = top.get_lines()
+    assert line.get_ydata().tolist() == pytest.approx([s + 0.25 for s in responses.std()])
+    assert line.get_label() == "r (2 seeds)" and len(top.collections) == 1  # the min-max band
