@@ -143,3 +143,15 @@ def test_an_imagenet_head_on_cifar_classes_warns_and_reports_no_top1(capsys):
         "warning: the model has 1000 outputs but the data 10 classes; top-1 is not reported (the responses are "
         "measured all the same)"]
     assert layer_probe.measure(trained_like("resnet8"), [(x, y)], progress=False).top1 >= 0  # 10 outputs: reported
+
+
+def test_the_readme_python_example_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    scope = {}
+    exec(code, scope)  # noqa: S102 - the README's own three lines
+    r = scope["r"]
+    assert len(r) == 16 and r.meta["images"] == 64 and r.top1 != r.top1  # no labels: top-1 NaN
