@@ -473,9 +473,10 @@ def initial_rows(checkpoint: str | Path, data: str | Path | None = None) -> list
 def rederive_epoch0(checkpoint: str | Path, data: str | Path | None = None) -> Path:
     """Rewrite a checkpoint's history with epoch 0 probed under both BN modes on its rebuilt initialisation.
 
-    For histories recorded before epoch 0 was probed with batch statistics: their eval-mode rows are
-    checked against the rebuilt initialisation first (1e-5), so a history is only rewritten when the
-    rebuilt weights are those its run started from. Later epochs are kept; histories without a
+    For histories recorded before epoch 0 was probed with batch statistics: their epoch-0 rows (std,
+    and ||F(x)||/||x||, which identifies the weights even where batch statistics set every std to 1)
+    are checked against the rebuilt initialisation first (1e-4: earlier probe versions summed in
+    another order), so a history is only rewritten when the rebuilt weights are those its run started from. Later epochs are kept; histories without a
     `bn_mode` column get `eval` (all they recorded) and the stage and block of each site.
     """
     import pandas as pd
@@ -487,8 +488,9 @@ def rederive_epoch0(checkpoint: str | Path, data: str | Path | None = None) -> P
         old["bn_mode"] = "eval"
     for mode, recorded in old[old.epoch == 0].groupby("bn_mode"):
         rebuilt = fresh[fresh.bn_mode == mode]
-        if recorded["name"].tolist() != rebuilt["name"].tolist() or not np.allclose(
-                recorded["std"], rebuilt["std"], rtol=1e-5, atol=0):
+        same = [np.allclose(pd.to_numeric(recorded[c]), pd.to_numeric(rebuilt[c]), rtol=1e-4, atol=0, equal_nan=True)
+                for c in ("std", "ratio") if c in recorded]
+        if recorded["name"].tolist() != rebuilt["name"].tolist() or not all(same):
             raise LayerProbeError(f"{path}: epoch 0 ({mode}) differs from a probe of the rebuilt initialisation; "
                                   "not the weights this run started from")
     place = fresh[fresh.bn_mode == "eval"].set_index("name")[["stage", "block"]]

@@ -74,6 +74,23 @@ def test_epoch0_history_is_batch_statistics_of_the_seeded_initialisation(tmp_pat
     assert history["std"].tolist() == pytest.approx([1.0] * len(history), abs=1e-3)
 
 
+def test_rederive_epoch0_keeps_a_matching_history_and_refuses_other_weights(tmp_path, tree):
+    from layer_probe.train import rederive_epoch0
+
+    cfg = config(tmp_path, tree, recipe=replace(TINY, epochs=1))
+    train(cfg)
+    path = history_path(cfg.out)
+    recorded = pd.read_csv(path)
+    rederive_epoch0(cfg.out, tree)
+    assert pd.read_csv(path).equals(recorded)  # the run's own initialisation: rows and order kept
+    tampered = recorded.copy()  # another initialisation: batch statistics keep std at 1, F(x)/x moves
+    tampered.loc[tampered.epoch == 0, "ratio"] *= 1.01
+    tampered.to_csv(path, index=False)
+    with pytest.raises(LayerProbeError, match=r"epoch 0 \(\w+\) differs from a probe of the rebuilt"):
+        rederive_epoch0(cfg.out, tree)
+    assert pd.read_csv(path).equals(tampered)  # nothing rewritten
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tree):
     whole = config(tmp_path / "a", tree)
     train(whole)
