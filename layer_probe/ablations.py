@@ -23,6 +23,9 @@ from torch import Tensor
 
 from .analysis import AnalysisConfig, analyze
 from .checkpoint import load_checkpoint
+from .data import repository_root
+from .dynamics import read_history
+from .train import history_path
 
 HYPOTHESES = {"no-smoothing": "label smoothing caps logit growth",
               "normalized-head": "the classifier demands scale",
@@ -38,9 +41,10 @@ class Run:
     path: Path
 
 
-def find_runs(folder: str | Path = "checkpoints") -> list[Run]:
-    """The resnet20 runs that exist under `folder`: the shipped one, the ablations, the faithful seeds."""
-    folder = Path(folder)
+def find_runs(folder: str | Path | None = None) -> list[Run]:
+    """The resnet20 runs that exist under `folder` (default: the repository's `checkpoints/`): the shipped
+    one, the ablations, the faithful seeds."""
+    folder = Path(folder) if folder is not None else (repository_root() or Path.cwd()) / "checkpoints"
     runs = [Run("fast", "baseline", folder / "resnet20.pt")]
     runs += [Run(name, name, folder / "ablations" / f"resnet20-{name}.pt") for name in HYPOTHESES]
     runs += [Run(f"faithful seed {s}", "faithful", folder / "faithful" / ("resnet20.pt" if s == 0 else
@@ -51,7 +55,9 @@ def find_runs(folder: str | Path = "checkpoints") -> list[Run]:
 def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: AnalysisConfig = AnalysisConfig(),
                    *, progress: bool = True) -> pd.DataFrame:
     """Per run: top-1, the rise [CI], and the last block's γ-predicted std, ||F(x)||/||x||, lesion damage and
-    gain in linear-probe top-1, each against the median of the other blocks (analyses are cached)."""
+    gain in linear-probe top-1, each against the median of the other blocks (analyses are cached), all with
+    BN's running statistics; and `rise_batch`, the rise with batch statistics at the run's last epoch, from
+    its training history (the run's 1,000 probe images)."""
     rows = []
     for run in runs:
         ckpt = load_checkpoint(run.path)
@@ -60,6 +66,7 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
         e = a.rise.evidence
         rows.append({"run": run.label, "group": run.group, "top1": a.meta["top1"], "rise": a.rise.ratio,
                      "rise_low": a.rise.low, "rise_high": a.rise.high,
+                     "rise_batch": _batch_rise(run.path),
                      "gamma_std_last": e["gamma_std_last"], "gamma_std_rest": e["gamma_std_rest_median"],
                      "ratio_last": e["ratio_last_block"], "ratio_rest": e["ratio_other_blocks_median"],
                      "lesion_last": e["lesion_last_block"], "lesion_rest": e["lesion_other_blocks_median"],
@@ -68,21 +75,30 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
     return pd.DataFrame(rows)
 
 
+def _batch_rise(path: Path) -> float:
+    """The rise with batch statistics at the run's last probed epoch; NaN for a run without a history."""
+    return float(read_history(path).rise("train").iloc[-1]) if history_path(path).exists() else np.nan
+
+
 def verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per ablation: its rise against the baseline's, and whether the difference falls outside the spread of
-    the faithful seeds' rises (the only spread measured). Without two or more seeds there is no verdict."""
-    seeds = table[table.group == "faithful"]["rise"]
-    spread = float(seeds.max() - seeds.min()) if len(seeds) >= 2 else np.nan
-    base = table[table.group == "baseline"]["rise"]
+    """Per ablation and BN mode: its rise against the baseline's, and whether the difference falls outside the
+    spread (max - min) of the faithful seeds' rises, the only spread measured. Without two seeds, no verdict."""
     rows = []
-    for name, hypothesis in HYPOTHESES.items():
-        row = table[table.group == name]
-        if row.empty or base.empty:
+    for mode, column in (("eval", "rise"), ("train", "rise_batch")):
+        if column not in table:
             continue
-        diff = float(row["rise"].iloc[0] - base.iloc[0])
-        verdict = ("no verdict: fewer than two seed replicates" if np.isnan(spread) else
-                   "outside the seed spread" if abs(diff) > spread else "within the seed spread")
-        rows.append({"ablation": name, "hypothesis": hypothesis, "rise": float(row["rise"].iloc[0]),
-                     "baseline_rise": float(base.iloc[0]), "difference": diff, "seed_spread": spread,
-                     "verdict": verdict})
+        seeds = table[table.group == "faithful"][column]
+        spread = float(seeds.max() - seeds.min()) if len(seeds) >= 2 else np.nan
+        base = table[table.group == "baseline"][column]
+        for name, hypothesis in HYPOTHESES.items():
+            row = table[table.group == name]
+            if row.empty or base.empty:
+                continue
+            diff = float(row[column].iloc[0] - base.iloc[0])
+            verdict = ("no verdict: a run without this measurement" if np.isnan(diff) else
+                       f"no verdict: {len(seeds)} seed replicate(s), two are needed" if np.isnan(spread) else
+                       "outside the seed spread" if abs(diff) > spread else "within the seed spread")
+            rows.append({"ablation": name, "bn_mode": mode, "hypothesis": hypothesis,
+                         "rise": float(row[column].iloc[0]), "baseline_rise": float(base.iloc[0]),
+                         "difference": diff, "seeds": len(seeds), "seed_spread": spread, "verdict": verdict})
     return pd.DataFrame(rows)

@@ -33,18 +33,25 @@ def test_table_reads_each_runs_analysis(tmp_path):
     config = AnalysisConfig(probe=ProbeConfig(batch_size=10), bootstrap=50, lesion_images=None)
     table = ablation_table(runs, images, labels, config, progress=False)
     assert table["run"].tolist() == ["fast", "no-smoothing"] and (table["rise_low"] <= table["rise_high"]).all()
+    assert table["rise_batch"].isna().all()  # no training history beside these checkpoints
     judged = verdicts(table)
-    assert judged["verdict"].tolist() == ["no verdict: fewer than two seed replicates"]
+    assert judged[["bn_mode", "verdict"]].values.tolist() == [
+        ["eval", "no verdict: 0 seed replicate(s), two are needed"],
+        ["train", "no verdict: a run without this measurement"]]
 
 
 def test_a_difference_counts_only_outside_the_seed_spread():
     table = pd.DataFrame({"run": ["fast", "no-smoothing", "frozen-last-bn", "s0", "s1", "s2"],
                           "group": ["baseline", "no-smoothing", "frozen-last-bn", "faithful", "faithful", "faithful"],
-                          "rise": [1.70, 1.20, 1.65, 1.50, 1.58, 1.54]})
-    judged = verdicts(table).set_index("ablation")
-    assert math.isclose(judged.loc["no-smoothing", "seed_spread"], 0.08)
-    assert judged.loc["no-smoothing", "verdict"] == "outside the seed spread"  # -0.50
-    assert judged.loc["frozen-last-bn", "verdict"] == "within the seed spread"  # -0.05
+                          "rise": [1.70, 1.20, 1.65, 1.50, 1.58, 1.54],
+                          "rise_batch": [1.30, 1.29, 1.00, 1.10, 1.12, 1.11]})
+    judged = verdicts(table).set_index(["ablation", "bn_mode"])
+    assert math.isclose(judged.loc[("no-smoothing", "eval"), "seed_spread"], 0.08)
+    assert judged.loc[("no-smoothing", "eval"), "verdict"] == "outside the seed spread"  # -0.50
+    assert judged.loc[("frozen-last-bn", "eval"), "verdict"] == "within the seed spread"  # -0.05
+    assert math.isclose(judged.loc[("no-smoothing", "train"), "seed_spread"], 0.02)
+    assert judged.loc[("no-smoothing", "train"), "verdict"] == "within the seed spread"  # -0.01
+    assert judged.loc[("frozen-last-bn", "train"), "verdict"] == "outside the seed spread"  # -0.30
 
 
 def test_ablations_command_without_runs_is_one_line(tmp_path, capsys):
