@@ -14,18 +14,17 @@ difference must exceed. One hypothesis per ablation:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from .analysis import AnalysisConfig, analyze
+from .analysis import AnalysisConfig, analyze, rise_ratio
 from .checkpoint import load_checkpoint
 from .data import repository_root
-from .dynamics import read_history
-from .train import history_path
+from .measurement import measure_images
 
 HYPOTHESES = {"no-smoothing": "label smoothing caps logit growth",
               "normalized-head": "the classifier demands scale",
@@ -56,17 +55,18 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
                    *, progress: bool = True) -> pd.DataFrame:
     """Per run: top-1, the rise [CI], and the last block's γ-predicted std, ||F(x)||/||x||, lesion damage and
     gain in linear-probe top-1, each against the median of the other blocks (analyses are cached), all with
-    BN's running statistics; and `rise_batch`, the rise with batch statistics at the run's last epoch, from
-    its training history (the run's 1,000 probe images)."""
+    BN's running statistics; and `rise_batch`, the rise with batch statistics on the same images."""
     rows = []
     for run in runs:
         ckpt = load_checkpoint(run.path)
         a, _ = analyze(ckpt.model, images, labels, ckpt.mean, ckpt.std, config, meta={"label": run.label},
                        progress=progress, cache=True)
+        batch = measure_images(ckpt.model, images, labels, ckpt.mean, ckpt.std, replace(config.probe, bn_mode="train"),
+                               progress=False)
         e = a.rise.evidence
         rows.append({"run": run.label, "group": run.group, "top1": a.meta["top1"], "rise": a.rise.ratio,
                      "rise_low": a.rise.low, "rise_high": a.rise.high,
-                     "rise_batch": _batch_rise(run.path),
+                     "rise_batch": float(rise_ratio(batch.std(), config.rise_k)),
                      "gamma_std_last": e["gamma_std_last"], "gamma_std_rest": e["gamma_std_rest_median"],
                      "ratio_last": e["ratio_last_block"], "ratio_rest": e["ratio_other_blocks_median"],
                      "lesion_last": e["lesion_last_block"], "lesion_rest": e["lesion_other_blocks_median"],
@@ -75,18 +75,11 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
     return pd.DataFrame(rows)
 
 
-def _batch_rise(path: Path) -> float:
-    """The rise with batch statistics at the run's last probed epoch; NaN for a run without a history."""
-    return float(read_history(path).rise("train").iloc[-1]) if history_path(path).exists() else np.nan
-
-
 def verdicts(table: pd.DataFrame) -> pd.DataFrame:
     """Per ablation and BN mode: its rise against the baseline's, and whether the difference falls outside the
     spread (max - min) of the faithful seeds' rises, the only spread measured. Without two seeds, no verdict."""
     rows = []
     for mode, column in (("eval", "rise"), ("train", "rise_batch")):
-        if column not in table:
-            continue
         seeds = table[table.group == "faithful"][column]
         spread = float(seeds.max() - seeds.min()) if len(seeds) >= 2 else np.nan
         base = table[table.group == "baseline"][column]
@@ -95,8 +88,7 @@ def verdicts(table: pd.DataFrame) -> pd.DataFrame:
             if row.empty or base.empty:
                 continue
             diff = float(row[column].iloc[0] - base.iloc[0])
-            verdict = ("no verdict: a run without this measurement" if np.isnan(diff) else
-                       f"no verdict: {len(seeds)} seed replicate(s), two are needed" if np.isnan(spread) else
+            verdict = (f"no verdict: {len(seeds)} seed replicate(s), two are needed" if np.isnan(spread) else
                        "outside the seed spread" if abs(diff) > spread else "within the seed spread")
             rows.append({"ablation": name, "bn_mode": mode, "hypothesis": hypothesis,
                          "rise": float(row[column].iloc[0]), "baseline_rise": float(base.iloc[0]),

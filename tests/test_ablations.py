@@ -1,6 +1,7 @@
 import math
 
 import pandas as pd
+import pytest
 import torch
 
 from conftest import run, trained_like
@@ -22,22 +23,30 @@ def test_find_runs_lists_the_resnet20_runs_that_exist(tmp_path):
         ("faithful seed 2", "faithful")]
 
 
-def test_table_reads_each_runs_analysis(tmp_path):
+def test_table_reads_each_runs_analysis_and_its_batch_statistics(tmp_path):
+    """Known answer: with β = 0, the last BN's running variance ×4 halves its eval-mode output, so the
+    running-statistics rise halves, while batch statistics never read running variances: that rise stays put."""
+    base, widened = trained_like("resnet8", seed=0), trained_like("resnet8", seed=0)
+    for model in (base, widened):
+        model.layer3[-1].bn2.bias.data.zero_()
+    widened.layer3[-1].bn2.running_var.mul_(4)
     runs = []
-    for i, (label, group) in enumerate([("fast", "baseline"), ("no-smoothing", "no-smoothing")]):
+    for model, (label, group) in zip((base, widened), [("fast", "baseline"), ("no-smoothing", "no-smoothing")]):
         path = tmp_path / f"{label}.pt"
-        save_checkpoint(path, trained_like("resnet8", seed=i), "resnet8", meta=NORM)
+        save_checkpoint(path, model, "resnet8", meta=NORM)
         runs.append(Run(label, group, path))
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(40) % 10
     config = AnalysisConfig(probe=ProbeConfig(batch_size=10), bootstrap=50, lesion_images=None)
-    table = ablation_table(runs, images, labels, config, progress=False)
-    assert table["run"].tolist() == ["fast", "no-smoothing"] and (table["rise_low"] <= table["rise_high"]).all()
-    assert table["rise_batch"].isna().all()  # no training history beside these checkpoints
-    judged = verdicts(table)
+    table = ablation_table(runs, images, labels, config, progress=False).set_index("run")
+    assert (table["rise_low"] <= table["rise_high"]).all()
+    assert table.loc["no-smoothing", "rise"] == pytest.approx(table.loc["fast", "rise"] / 2, rel=1e-3)
+    assert table.loc["no-smoothing", "rise_batch"] == pytest.approx(table.loc["fast", "rise_batch"], rel=1e-6)
+    assert table.loc["fast", "rise_batch"] != pytest.approx(table.loc["fast", "rise"], rel=1e-2)
+    judged = verdicts(table.reset_index())
     assert judged[["bn_mode", "verdict"]].values.tolist() == [
         ["eval", "no verdict: 0 seed replicate(s), two are needed"],
-        ["train", "no verdict: a run without this measurement"]]
+        ["train", "no verdict: 0 seed replicate(s), two are needed"]]
 
 
 def test_a_difference_counts_only_outside_the_seed_spread():
