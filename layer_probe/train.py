@@ -475,8 +475,9 @@ def rederive_epoch0(checkpoint: str | Path, data: str | Path | None = None) -> P
 
     For histories recorded before epoch 0 was probed with batch statistics: their epoch-0 rows (std,
     and ||F(x)||/||x||, which identifies the weights even where batch statistics set every std to 1)
-    are checked against the rebuilt initialisation first (1e-4: earlier probe versions summed in
-    another order), so a history is only rewritten when the rebuilt weights are those its run started from. Later epochs are kept; histories without a
+    are checked against the rebuilt initialisation first (to 2e-4: BN's float32 batch variance over
+    500 × 32 × 32 positions moves by up to 1e-4 with the number of threads), so a history is only
+    rewritten when the rebuilt weights are those its run started from. Later epochs are kept; histories without a
     `bn_mode` column get `eval` (all they recorded) and the stage and block of each site.
     """
     import pandas as pd
@@ -488,8 +489,8 @@ def rederive_epoch0(checkpoint: str | Path, data: str | Path | None = None) -> P
         old["bn_mode"] = "eval"
     for mode, recorded in old[old.epoch == 0].groupby("bn_mode"):
         rebuilt = fresh[fresh.bn_mode == mode]
-        same = [np.allclose(pd.to_numeric(recorded[c]), pd.to_numeric(rebuilt[c]), rtol=1e-4, atol=0, equal_nan=True)
-                for c in ("std", "ratio") if c in recorded]
+        same = [np.allclose(pd.to_numeric(recorded[c]), pd.to_numeric(rebuilt[c]), rtol=2e-4, atol=0,
+                            equal_nan=True) for c in ("std", "ratio") if c in recorded]
         if recorded["name"].tolist() != rebuilt["name"].tolist() or not all(same):
             raise LayerProbeError(f"{path}: epoch 0 ({mode}) differs from a probe of the rebuilt initialisation; "
                                   "not the weights this run started from")

@@ -77,5 +77,7 @@ def test_epoch0_history_is_the_runs_seeded_initialisation(path):
     fresh = pd.DataFrame(initial_rows(path, JPEG_TAR)).sort_values(["bn_mode", "index"])
     assert recorded[["bn_mode", "name", "role", "stage", "block"]].values.tolist() == \
         fresh[["bn_mode", "name", "role", "stage", "block"]].values.tolist()
-    assert recorded["std"].tolist() == pytest.approx(fresh["std"].tolist(), rel=1e-5)
+    for mode, rel in (("eval", 1e-5), ("train", 2e-4)):  # BN's float32 batch variance moves ~1e-4 with the threads
+        assert recorded[recorded.bn_mode == mode]["std"].tolist() == \
+            pytest.approx(fresh[fresh.bn_mode == mode]["std"].tolist(), rel=rel)
     assert fresh[fresh.bn_mode == "train"]["std"].tolist() == pytest.approx([1.0] * (len(fresh) // 2), abs=1e-3)
