@@ -1,6 +1,6 @@
 """Integrity of the files in checkpoints/, not a test of the code: `make check-shipped` runs it.
 
-Each file matches its card's sha256 and its own epoch log and history, and the logs show Section 4.2's
+Each file (the shipped five, the ablations, the faithful runs) matches its card's sha256 and its own epoch log and history, and the logs show Section 4.2's
 degradation problem. These compare files the training wrote from the same variables, so they catch a
 file changed or mixed up after training, not a bug in the code that wrote them.
 """
@@ -11,13 +11,16 @@ import pandas as pd
 import pytest
 
 from layer_probe.checkpoint import load_checkpoint
-from test_shipped import CHECKPOINTS, SHIPPED, shipped
+from test_shipped import CHECKPOINTS, shipped
+
+TRAINED = sorted(CHECKPOINTS.glob("*.pt")) + sorted(CHECKPOINTS.glob("*/*.pt"))
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+@pytest.mark.parametrize("path", TRAINED, ids=[p.relative_to(CHECKPOINTS).with_suffix("").as_posix() for p in TRAINED])
 def test_card_and_log_agree_with_the_file(path):
+    name = path.relative_to(CHECKPOINTS).with_suffix("").as_posix()
     row = next((line for line in (CHECKPOINTS / "README.md").read_text().splitlines()
-                if line.startswith(f"| {path.stem} |")), "")
+                if line.startswith(f"| {name} |")), "")
     assert hashlib.sha256(path.read_bytes()).hexdigest() in row
     meta = load_checkpoint(path).meta
     log = pd.read_csv(path.with_suffix(".epochs.csv"))
