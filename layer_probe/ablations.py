@@ -7,8 +7,10 @@ difference must exceed. One hypothesis per ablation:
 - `no-smoothing`: label smoothing caps how far the logits grow, and so the last block's scale;
 - `normalized-head`: the classifier needs large-scale features (a BN without affine before it
   takes that need away);
-- `frozen-last-bn`: the last block does more of the classification (its BN keeps γ = 1, β = 0);
-- `faithful` against `no-smoothing`: weight decay on γ and β sets the response scale.
+- `frozen-last-bn`: the last BN's learned γ and β carry the rise (it keeps γ = 1, β = 0); whether
+  the last block does more of the classification is read from its lesion damage and linear-probe gain;
+- `faithful` against `no-smoothing`: weight decay on γ and β sets the response scale (the rise and
+  the mean std over sites).
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from .checkpoint import load_checkpoint
 from .data import repository_root
 from .measurement import measure_images
 
-HYPOTHESES = {"no-smoothing": "label smoothing caps logit growth",
-              "normalized-head": "the classifier demands scale",
-              "frozen-last-bn": "the last block does more of the classification"}
+ABLATIONS = ("no-smoothing", "normalized-head", "frozen-last-bn")
+# each group -> (the group it is paired with, the hypothesis the pair tests)
+PAIRS = {"no-smoothing": ("baseline", "label smoothing caps logit growth"),
+         "normalized-head": ("baseline", "the classifier demands scale"),
+         "frozen-last-bn": ("baseline", "the last BN's learned γ and β carry the rise"),
+         "faithful": ("no-smoothing", "weight decay on γ and β sets the response scale")}
+# (statistic, BN mode) -> its column in the ablation table
+STATISTICS = {("rise", "eval"): "rise", ("rise", "train"): "rise_batch",
+              ("mean std", "eval"): "mean_std", ("mean std", "train"): "mean_std_batch"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ def find_runs(folder: str | Path | None = None) -> list[Run]:
     one, the ablations, the faithful seeds."""
     folder = Path(folder) if folder is not None else (repository_root() or Path.cwd()) / "checkpoints"
     runs = [Run("fast", "baseline", folder / "resnet20.pt")]
-    runs += [Run(name, name, folder / "ablations" / f"resnet20-{name}.pt") for name in HYPOTHESES]
+    runs += [Run(name, name, folder / "ablations" / f"resnet20-{name}.pt") for name in ABLATIONS]
     runs += [Run(f"faithful seed {s}", "faithful", folder / "faithful" / ("resnet20.pt" if s == 0 else
                                                                            f"resnet20-seed{s}.pt")) for s in range(3)]
     return [r for r in runs if r.path.exists()]
@@ -55,7 +63,7 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
                    *, progress: bool = True) -> pd.DataFrame:
     """Per run: top-1, the rise [CI], and the last block's γ-predicted std, ||F(x)||/||x||, lesion damage and
     gain in linear-probe top-1, each against the median of the other blocks (analyses are cached), all with
-    BN's running statistics; and `rise_batch`, the rise with batch statistics on the same images."""
+    BN's running statistics; and `rise_batch` and `mean_std_batch`, with batch statistics on the same images."""
     rows = []
     for run in runs:
         ckpt = load_checkpoint(run.path)
@@ -67,6 +75,7 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
         rows.append({"run": run.label, "group": run.group, "top1": a.meta["top1"], "rise": a.rise.ratio,
                      "rise_low": a.rise.low, "rise_high": a.rise.high,
                      "rise_batch": float(rise_ratio(batch.std(), config.rise_k)),
+                     "mean_std": float(np.mean([site.std for site in a.sites])), "mean_std_batch": float(np.mean(batch.std())),
                      "gamma_std_last": e["gamma_std_last"], "gamma_std_rest": e["gamma_std_rest_median"],
                      "ratio_last": e["ratio_last_block"], "ratio_rest": e["ratio_other_blocks_median"],
                      "lesion_last": e["lesion_last_block"], "lesion_rest": e["lesion_other_blocks_median"],
@@ -76,21 +85,24 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
 
 
 def verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per ablation and BN mode: its rise against the baseline's, and whether the difference falls outside the
-    spread (max - min) of the faithful seeds' rises, the only spread measured. Without two seeds, no verdict."""
+    """Per pair of `PAIRS`, statistic and BN mode: the group's value (the mean over its runs) against the one it
+    is paired with, and whether the difference falls outside the spread (max - min) of the faithful seeds, the
+    only spread measured. Without two seeds, no verdict."""
     rows = []
-    for mode, column in (("eval", "rise"), ("train", "rise_batch")):
+    for (statistic, mode), column in STATISTICS.items():
+        if column not in table:
+            continue
         seeds = table[table.group == "faithful"][column]
         spread = float(seeds.max() - seeds.min()) if len(seeds) >= 2 else np.nan
-        base = table[table.group == "baseline"][column]
-        for name, hypothesis in HYPOTHESES.items():
-            row = table[table.group == name]
-            if row.empty or base.empty:
+        for name, (against, hypothesis) in PAIRS.items():
+            value, base = (table[table.group == g][column] for g in (name, against))
+            if value.empty or base.empty:
                 continue
-            diff = float(row[column].iloc[0] - base.iloc[0])
+            diff = float(value.mean() - base.mean())
             verdict = (f"no verdict: {len(seeds)} seed replicate(s), two are needed" if np.isnan(spread) else
                        "outside the seed spread" if abs(diff) > spread else "within the seed spread")
-            rows.append({"ablation": name, "bn_mode": mode, "hypothesis": hypothesis,
-                         "rise": float(row[column].iloc[0]), "baseline_rise": float(base.iloc[0]),
-                         "difference": diff, "seeds": len(seeds), "seed_spread": spread, "verdict": verdict})
+            rows.append({"ablation": name, "against": "fast" if against == "baseline" else against, "bn_mode": mode,
+                         "statistic": statistic, "hypothesis": hypothesis, "value": float(value.mean()),
+                         "baseline": float(base.mean()), "difference": diff, "seeds": len(seeds),
+                         "seed_spread": spread, "verdict": verdict})
     return pd.DataFrame(rows)

@@ -43,10 +43,11 @@ def test_table_reads_each_runs_analysis_and_its_batch_statistics(tmp_path):
     assert table.loc["no-smoothing", "rise"] == pytest.approx(table.loc["fast", "rise"] / 2, rel=1e-3)
     assert table.loc["no-smoothing", "rise_batch"] == pytest.approx(table.loc["fast", "rise_batch"], rel=1e-6)
     assert table.loc["fast", "rise_batch"] != pytest.approx(table.loc["fast", "rise"], rel=1e-2)
+    assert table.loc["no-smoothing", "mean_std_batch"] == pytest.approx(table.loc["fast", "mean_std_batch"], rel=1e-6)
+    assert table.loc["no-smoothing", "mean_std"] < table.loc["fast", "mean_std"]
     judged = verdicts(table.reset_index())
-    assert judged[["bn_mode", "verdict"]].values.tolist() == [
-        ["eval", "no verdict: 0 seed replicate(s), two are needed"],
-        ["train", "no verdict: 0 seed replicate(s), two are needed"]]
+    assert judged[["statistic", "bn_mode", "verdict"]].values.tolist() == [
+        [s, m, "no verdict: 0 seed replicate(s), two are needed"] for s in ("rise", "mean std") for m in ("eval", "train")]
 
 
 def test_a_difference_counts_only_outside_the_seed_spread():
@@ -54,13 +55,16 @@ def test_a_difference_counts_only_outside_the_seed_spread():
                           "group": ["baseline", "no-smoothing", "frozen-last-bn", "faithful", "faithful", "faithful"],
                           "rise": [1.70, 1.20, 1.65, 1.50, 1.58, 1.54],
                           "rise_batch": [1.30, 1.29, 1.00, 1.10, 1.12, 1.11]})
-    judged = verdicts(table).set_index(["ablation", "bn_mode"])
+    judged = verdicts(table).query("statistic == 'rise'").set_index(["ablation", "bn_mode"])
     assert math.isclose(judged.loc[("no-smoothing", "eval"), "seed_spread"], 0.08)
     assert judged.loc[("no-smoothing", "eval"), "verdict"] == "outside the seed spread"  # -0.50
     assert judged.loc[("frozen-last-bn", "eval"), "verdict"] == "within the seed spread"  # -0.05
     assert math.isclose(judged.loc[("no-smoothing", "train"), "seed_spread"], 0.02)
     assert judged.loc[("no-smoothing", "train"), "verdict"] == "within the seed spread"  # -0.01
     assert judged.loc[("frozen-last-bn", "train"), "verdict"] == "outside the seed spread"  # -0.30
+    faithful = judged.loc[("faithful", "eval")]  # the seeds' mean 1.54 against no-smoothing's 1.20
+    assert faithful.against == "no-smoothing" and math.isclose(faithful.difference, 0.34)
+    assert faithful.verdict == "outside the seed spread"
 
 
 def test_ablations_command_without_runs_is_one_line(tmp_path, capsys):
