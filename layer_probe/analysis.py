@@ -510,13 +510,15 @@ def format_baselines(baselines: Sequence[Baseline]) -> str:
 
 
 def format_comparison(comparison: Comparison) -> str:
-    """Per-model summary and the claim tests, as text."""
-    lines = [f"{'model':<12} {'top-1':>7} {'mean std':>9} {'median std':>11} {'‖F‖/‖x‖<0.5':>12}"]
+    """Per-model summary and the claim tests, as text (columns as wide as their longest entry)."""
+    w = max([5] + [len(s["label"]) for s in comparison.summary])
+    lines = [f"{'model':<{w}} {'top-1':>7} {'mean std':>9} {'median std':>11} {'‖F‖/‖x‖<0.5':>12}"]
     for s in comparison.summary:
         share = comparison.closeness[s["label"]]["below_0.5"]
-        lines.append(f"{s['label']:<12} {s['top1']:>7.2f} {s['mean_std']:>9.3f} {s['median_std']:>11.3f} {share:>12.0%}")
-    lines += ["", f"{'claim':<24} {'models':<36} {'statistic':>10} {'p (descr.)':>10} {'effect':>14}  holds"]
+        lines.append(f"{s['label']:<{w}} {s['top1']:>7.2f} {s['mean_std']:>9.3f} {s['median_std']:>11.3f} {share:>12.0%}")
+    m = max([6] + [len(t.models) for t in comparison.tests])
+    lines += ["", f"{'claim':<24} {'models':<{m}} {'statistic':>10} {'p (descr.)':>10} {'effect':>14}  holds"]
     for t in comparison.tests:
-        lines.append(f"{t.key:<24} {t.models:<36} {t.statistic:>10.3f} {t.p_value:>10.2g} "
+        lines.append(f"{t.key:<24} {t.models:<{m}} {t.statistic:>10.3f} {t.p_value:>10.2g} "
                      f"{t.effect_name[:8]:>8} {t.effect:>5.2f}  {'yes' if t.holds else 'no'}")
     return "\n".join(lines)

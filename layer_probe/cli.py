@@ -368,6 +368,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise LayerProbeError("pass checkpoints or --set, not both")
     recipes = ("fast", "faithful") if args.set == "all" else (args.set or "fast",)
     checkpoints = args.checkpoints or [str(p) for r in recipes for p in shipped(r, existing=r != "fast")]
+    root = shipped("fast", existing=False)[0].parent
     for option in ("arch", "labels"):
         given = getattr(args, option)
         if given and len(given) != len(checkpoints):
@@ -376,8 +377,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     results, baselines = {mode: [] for mode in args.bn_modes}, []
     for i, path in enumerate(checkpoints):
         ckpt, layout, images, labels, meta = _load(args, path, args.arch[i] if args.arch else None)
-        # a set's networks: "faithful/resnet20-seed1", of the group "faithful/resnet20" that Fig. 7 draws as one band
-        within = Path(path).with_suffix("").relative_to(Path(path).parents[1]) if args.set else None
+        # a set's networks: "resnet20" (fast) or "faithful/resnet20-seed1", of the group "faithful/resnet20" that
+        # Fig. 7 draws as one band
+        within = Path(path).with_suffix("").relative_to(root) if args.set else None
         label = args.labels[i] if args.labels else within.as_posix() if within else ckpt.arch
         meta |= {"group": label.split("-seed")[0]}
         norm = tuple(meta["mean"]), tuple(meta["std"])

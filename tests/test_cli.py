@@ -1,8 +1,10 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from conftest import FOLDER_IMAGES, needs_compiler, run
 from layer_probe.checkpoint import save_checkpoint
@@ -117,6 +119,38 @@ def test_imagenet_folder_with_torchvision_weights(arch, n_sites, n_branch, image
 def test_imagenet_and_data_together_is_an_error(ckpt, tree, image_folder, capsys):
     code, _, err = run(capsys, "responses", ckpt, "--data", tree, "--imagenet", image_folder)
     assert code == 2 and "either --data" in err
+
+
+def test_compare_set_pairs_networks_by_seed_and_counts_where_a_claim_holds(tree, capsys, tmp_path, monkeypatch):
+    """`--set faithful` reads checkpoints/faithful/, pairs resnet20 with plain20 of the same seed and reports
+    "holds in k of n". Known answer: every BN's γ and β ×3 makes a network respond far more than its partner of
+    the same seed; in seed 0 plain20 is scaled (the claim holds), in seed 1 resnet20 (it does not)."""
+    from layer_probe import checkpoint
+
+    monkeypatch.setattr(checkpoint, "repository_root", lambda: tmp_path)
+    folder = tmp_path / "checkpoints" / "faithful"
+    folder.mkdir(parents=True)
+    for arch in ("plain20", "resnet20"):
+        for seed in (0, 1):
+            model = trained_like(arch, seed)
+            if (arch == "plain20") == (seed == 0):
+                for m in model.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.weight.data.mul_(3)
+                        m.bias.data.mul_(3)
+            meta = {"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "seed": seed,
+                    "recipe": {"name": "faithful"}}
+            save_checkpoint(folder / (f"{arch}.pt" if seed == 0 else f"{arch}-seed{seed}.pt"), model, arch, meta=meta)
+    code, out, _ = run(capsys, "compare", "--set", "faithful", "--data", tree, "--init-seeds", 0, "--bn-modes", "eval",
+                       "--out", tmp_path / "o")
+    assert code == 0
+    claims = pd.read_csv(tmp_path / "o" / "claims.csv")
+    assert claims[["claim", "recipe", "seed", "models", "holds"]].values.tolist() == [
+        ["resnet_below_plain_20", "faithful", 0, "faithful/resnet20 vs faithful/plain20", True],
+        ["resnet_below_plain_20", "faithful", 1, "faithful/resnet20-seed1 vs faithful/plain20-seed1", False]]
+    row = next(line for line in out.splitlines() if line.split()[:3] == ["resnet_below_plain_20", "faithful", "eval"])
+    assert row.split()[3:5] == ["1", "2"]  # holds in 1 of 2
+    assert "claims holding under every BN mode and seed measured: none" in out
 
 
 def test_compare_tests_every_claim_under_both_bn_modes_beside_initialisation(tree, capsys, tmp_path):
