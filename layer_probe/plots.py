@@ -7,7 +7,7 @@ in SVG/PDF metadata, fixed hash salt) atomically.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -202,4 +202,31 @@ def plot_training_curves(logs: dict[str, pd.DataFrame], *, axes: Sequence[Axes] 
                 ax.legend(frameon=False, fontsize="small", title="dashed: train, solid: test",
                           title_fontsize="x-small")
         axes[0].set_ylabel("error (%)")
+    return fig
+
+
+def plot_rise(during: pd.DataFrame, ends: Mapping[str, pd.DataFrame] | None = None, *,
+              axes: Sequence[Axes] | None = None, style: Style = "report") -> Figure:
+    """The rise in the last layers (last site's std / the others' median): per epoch of training, one line per
+    column of `during` (index: epoch); then one panel per table of `ends` (title -> table indexed by network),
+    its `rise` (running statistics) and `rise_batch` (batch statistics) at the end of training. A dotted line
+    marks 1, no rise."""
+    ends = dict(ends or {})
+    with plt.rc_context(_style(style)):
+        fig, grid = _panels(axes, 1, 1 + len(ends), (SINGLE_COLUMN * (1 + len(ends)), SINGLE_COLUMN * 0.9))
+        first, *rest = grid[0]
+        for name, rise in during.items():
+            first.plot(rise.index, rise.to_numpy(), lw=1, label=name)
+        first.set(title="during training", xlabel="epoch", ylabel="last site's std / others' median")
+        first.legend(frameon=False, fontsize="small")
+        for ax, (title, table) in zip(rest, ends.items()):
+            y = np.arange(len(table))
+            ax.plot(table["rise"], y, "o", label="running statistics")
+            ax.plot(table["rise_batch"], y, "x", label="batch statistics")
+            ax.set(title=title, yticks=y, yticklabels=table.index, xlabel="rise at the end of training")
+            ax.invert_yaxis()
+        if rest:
+            rest[0].legend(frameon=False, fontsize="small")
+        for ax in grid[0]:
+            (ax.axhline if ax is first else ax.axvline)(1, color="grey", lw=0.8, ls=":")
     return fig

@@ -1,10 +1,11 @@
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
 from layer_probe.errors import LayerProbeError
 from layer_probe.dynamics import History
-from layer_probe.plots import plot_dynamics, plot_responses, save_figure
+from layer_probe.plots import plot_dynamics, plot_responses, plot_rise, save_figure
 
 
 @pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
@@ -75,3 +76,15 @@ def test_seed_replicates_are_drawn_as_their_mean_with_a_band(responses):  # noqa
     (line,) = top.get_lines()
     assert line.get_ydata().tolist() == pytest.approx([s + 0.25 for s in responses.std()])
     assert line.get_label() == "r (2 seeds)" and len(top.collections) == 1  # the min-max band
+
+
+def test_rise_draws_each_run_during_training_and_both_bn_modes_at_the_end():
+    during = pd.DataFrame({"resnet20": [1.0, 1.2, 1.7], "plain20": [1.0, 0.9, 1.2]})
+    end = pd.DataFrame({"rise": [1.7, 1.2], "rise_batch": [1.5, 1.1]}, index=["resnet20", "plain20"])
+    fig = plot_rise(during, {"trained": end})
+    left, right = fig.axes
+    assert [line.get_ydata().tolist() for line in left.get_lines()[:2]] == [[1.0, 1.2, 1.7], [1.0, 0.9, 1.2]]
+    running, batch = right.get_lines()[:2]
+    assert running.get_xdata().tolist() == [1.7, 1.2] and batch.get_xdata().tolist() == [1.5, 1.1]
+    assert [t.get_text() for t in right.get_yticklabels()] == ["resnet20", "plain20"] and right.get_title() == "trained"
+    plt.close(fig)
