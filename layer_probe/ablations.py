@@ -30,9 +30,9 @@ from .measurement import measure_images
 
 ABLATIONS = ("no-smoothing", "normalized-head", "frozen-last-bn")
 # each group -> (the group it is paired with, the hypothesis the pair tests)
-PAIRS = {"no-smoothing": ("baseline", "label smoothing caps logit growth"),
-         "normalized-head": ("baseline", "the classifier demands scale"),
-         "frozen-last-bn": ("baseline", "the last BN's learned γ and β carry the rise"),
+PAIRS = {"no-smoothing": ("fast", "label smoothing caps logit growth"),
+         "normalized-head": ("fast", "the classifier demands scale"),
+         "frozen-last-bn": ("fast", "the last BN's learned γ and β carry the rise"),
          "faithful": ("no-smoothing", "weight decay on γ and β sets the response scale")}
 # (statistic, BN mode) -> its column in the ablation table
 STATISTICS = {("rise", "eval"): "rise", ("rise", "train"): "rise_batch",
@@ -44,7 +44,7 @@ class Run:
     """One trained network of the ablation study: its label, group and checkpoint."""
 
     label: str  # e.g. "fast", "no-smoothing", "faithful seed 1"
-    group: str  # "baseline", an ablation name, or "faithful"
+    group: str  # "fast" (the shipped run), an ablation name, or "faithful"
     path: Path
 
 
@@ -52,7 +52,7 @@ def find_runs(folder: str | Path | None = None) -> list[Run]:
     """The resnet20 runs that exist under `folder` (default: the repository's `checkpoints/`): the shipped
     one, the ablations, the faithful seeds."""
     folder = Path(folder) if folder is not None else (repository_root() or Path.cwd()) / "checkpoints"
-    runs = [Run("fast", "baseline", folder / "resnet20.pt")]
+    runs = [Run("fast", "fast", folder / "resnet20.pt")]
     runs += [Run(name, name, folder / "ablations" / f"resnet20-{name}.pt") for name in ABLATIONS]
     runs += [Run(f"faithful seed {s}", "faithful", folder / "faithful" / ("resnet20.pt" if s == 0 else
                                                                            f"resnet20-seed{s}.pt")) for s in range(3)]
@@ -75,7 +75,8 @@ def ablation_table(runs: Sequence[Run], images: Tensor, labels: Tensor, config: 
         rows.append({"run": run.label, "group": run.group, "top1": a.meta["top1"], "rise": a.rise.ratio,
                      "rise_low": a.rise.low, "rise_high": a.rise.high,
                      "rise_batch": float(rise_ratio(batch.std(), config.rise_k)),
-                     "mean_std": float(np.mean([site.std for site in a.sites])), "mean_std_batch": float(np.mean(batch.std())),
+                     "mean_std": float(np.mean([site.std for site in a.sites])),
+                     "mean_std_batch": float(np.mean(batch.std())),
                      "gamma_std_last": e["gamma_std_last"], "gamma_std_rest": e["gamma_std_rest_median"],
                      "ratio_last": e["ratio_last_block"], "ratio_rest": e["ratio_other_blocks_median"],
                      "lesion_last": e["lesion_last_block"], "lesion_rest": e["lesion_other_blocks_median"],
@@ -101,7 +102,7 @@ def verdicts(table: pd.DataFrame) -> pd.DataFrame:
             diff = float(value.mean() - base.mean())
             verdict = (f"no verdict: {len(seeds)} seed replicate(s), two are needed" if np.isnan(spread) else
                        "outside the seed spread" if abs(diff) > spread else "within the seed spread")
-            rows.append({"ablation": name, "against": "fast" if against == "baseline" else against, "bn_mode": mode,
+            rows.append({"ablation": name, "against": against, "bn_mode": mode,
                          "statistic": statistic, "hypothesis": hypothesis, "value": float(value.mean()),
                          "baseline": float(base.mean()), "difference": diff, "seeds": len(seeds),
                          "seed_spread": spread, "verdict": verdict})

@@ -217,16 +217,16 @@ def plot_rise(during: pd.DataFrame, ends: Mapping[str, pd.DataFrame] | None = No
         first, *rest = grid[0]
         for name, rise in during.items():
             first.plot(rise.index, rise.to_numpy(), lw=1, label=name)
+        first.axhline(1, color="grey", lw=0.8, ls=":")
         first.set(title="during training", xlabel="epoch", ylabel="last site's std / others' median")
         first.legend(frameon=False, fontsize="small")
         for ax, (title, table) in zip(rest, ends.items()):
             y = np.arange(len(table))
             ax.plot(table["rise"], y, "o", label="running statistics")
             ax.plot(table["rise_batch"], y, "x", label="batch statistics")
+            ax.axvline(1, color="grey", lw=0.8, ls=":")
             ax.set(title=title, yticks=y, yticklabels=table.index, xlabel="rise at the end of training")
             ax.invert_yaxis()
         if rest:
             rest[0].legend(frameon=False, fontsize="small")
-        for ax in grid[0]:
-            (ax.axhline if ax is first else ax.axvline)(1, color="grey", lw=0.8, ls=":")
     return fig

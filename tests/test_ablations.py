@@ -19,7 +19,7 @@ def test_find_runs_lists_the_resnet20_runs_that_exist(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).touch()
     assert [(r.label, r.group) for r in find_runs(tmp_path)] == [
-        ("fast", "baseline"), ("no-smoothing", "no-smoothing"), ("faithful seed 0", "faithful"),
+        ("fast", "fast"), ("no-smoothing", "no-smoothing"), ("faithful seed 0", "faithful"),
         ("faithful seed 2", "faithful")]
 
 
@@ -31,7 +31,7 @@ def test_table_reads_each_runs_analysis_and_its_batch_statistics(tmp_path):
         model.layer3[-1].bn2.bias.data.zero_()
     widened.layer3[-1].bn2.running_var.mul_(4)
     runs = []
-    for model, (label, group) in zip((base, widened), [("fast", "baseline"), ("no-smoothing", "no-smoothing")]):
+    for model, (label, group) in zip((base, widened), [("fast", "fast"), ("no-smoothing", "no-smoothing")]):
         path = tmp_path / f"{label}.pt"
         save_checkpoint(path, model, "resnet8", meta=NORM)
         runs.append(Run(label, group, path))
@@ -52,7 +52,7 @@ def test_table_reads_each_runs_analysis_and_its_batch_statistics(tmp_path):
 
 def test_a_difference_counts_only_outside_the_seed_spread():
     table = pd.DataFrame({"run": ["fast", "no-smoothing", "frozen-last-bn", "s0", "s1", "s2"],
-                          "group": ["baseline", "no-smoothing", "frozen-last-bn", "faithful", "faithful", "faithful"],
+                          "group": ["fast", "no-smoothing", "frozen-last-bn", "faithful", "faithful", "faithful"],
                           "rise": [1.70, 1.20, 1.65, 1.50, 1.58, 1.54],
                           "rise_batch": [1.30, 1.29, 1.00, 1.10, 1.12, 1.11]})
     judged = verdicts(table).query("statistic == 'rise'").set_index(["ablation", "bn_mode"])
