@@ -51,6 +51,14 @@ class Checkpoint:
     def std(self) -> tuple[float, ...]:
         return tuple(self.meta.get("normalization", {}).get("std", IMAGENET_STD))
 
+    def describe(self, label: str) -> dict[str, Any]:
+        """What a measurement records about this network: its arch, label, training recipe and seed, and its
+        group, the label without a `-seedN` suffix, which joins seed replicates (Fig. 7 draws a group as one
+        band; `analysis.compare` pairs networks within a recipe and seed)."""
+        recipe = self.meta.get("recipe")
+        return {"arch": self.arch, "label": label, "recipe": recipe.get("name", "") if isinstance(recipe, dict) else "",
+                "seed": self.meta.get("seed", 0), "group": label.split("-seed")[0]}
+
     def initialised(self, seed: int = 0) -> nn.Module:
         """The same architecture at initialisation, in eval mode: its registered builder under `seed` (the
         CIFAR nets' He init), or else a copy of the model with every module's own `reset_parameters` under
@@ -310,6 +318,7 @@ def shipped(recipe: str = "fast", *, existing: bool = True) -> list[Path]:
                                                                       if p.stem.split("-")[0] in FIG7 else 99, p.stem))
 
 
-def load_shipped() -> dict[str, Checkpoint]:
-    """The shipped checkpoints that exist, loaded, by name: what the notebooks and `compare` start from."""
-    return {p.stem: load_checkpoint(p) for p in shipped()}
+def load_shipped(recipe: str = "fast") -> dict[str, Checkpoint]:
+    """The shipped checkpoints of `recipe` that exist, loaded, by name ("resnet20", "resnet20-seed1"): what the
+    notebooks start from."""
+    return {p.stem: load_checkpoint(p) for p in shipped(recipe)}

@@ -301,10 +301,8 @@ def _load_model(args: argparse.Namespace, checkpoint: str, arch: str | None):  #
     else:
         ckpt = load_checkpoint(checkpoint, arch, device=device)
     layout = find_sites(ckpt.model).select(args.sites)
-    trained = ckpt.meta.get("recipe") if isinstance(ckpt.meta.get("recipe"), dict) else {}
-    meta = {"checkpoint": checkpoint, "arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "limit": args.limit,
-            "device": device, "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std),
-            "recipe": trained.get("name", ""), "seed": ckpt.meta.get("seed", 0)}
+    meta = {"checkpoint": checkpoint, "arch_kwargs": ckpt.arch_kwargs, "limit": args.limit, "device": device,
+            "mean": list(args.mean or ckpt.mean), "std": list(args.std or ckpt.std)} | ckpt.describe(ckpt.arch)
     return ckpt, layout, meta
 
 
@@ -381,7 +379,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         # Fig. 7 draws as one band
         within = Path(path).with_suffix("").relative_to(root) if args.set else None
         label = args.labels[i] if args.labels else within.as_posix() if within else ckpt.arch
-        meta |= {"group": label.split("-seed")[0]}
+        meta |= ckpt.describe(label)
         norm = tuple(meta["mean"]), tuple(meta["std"])
         batch_stats = replace(_probe_config(args), bn_mode="train")  # an untrained net's running statistics say nothing
         initial = [measure_images(ckpt.initialised(seed), images, labels, *norm, batch_stats, progress=False,

@@ -160,3 +160,14 @@ def test_model_spec_from_a_file_torchvision_and_errors(tmp_path):
                           (f"{tmp_path / 'none.py'}:build", "is not a Python file")]:
         with pytest.raises(LayerProbeError, match=message):
             build_spec(spec)
+
+
+def test_describe_names_the_recipe_seed_and_replicate_group(tmp_path):
+    model = build_model("resnet8")
+    save_checkpoint(tmp_path / "a.pt", model, "resnet8", meta={"recipe": {"name": "faithful"}, "seed": 2})
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    assert load_checkpoint(tmp_path / "a.pt").describe("faithful/resnet8-seed2") == {
+        "arch": "resnet8", "label": "faithful/resnet8-seed2", "recipe": "faithful", "seed": 2,
+        "group": "faithful/resnet8"}
+    assert load_checkpoint(tmp_path / "bare.pt", "resnet8").describe("mine") == {
+        "arch": "resnet8", "label": "mine", "recipe": "", "seed": 0, "group": "mine"}
