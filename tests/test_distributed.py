@@ -1,6 +1,7 @@
 """Several processes (gloo on the CPU): shares of the data, exact merges, `torchrun` for responses and train."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,10 +110,11 @@ def test_two_processes_merge_exactly(tmp_path):
 
 
 def torchrun(*argv: object) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=2 -m layer_probe ARGV` (gloo on the CPU)."""
+    """`torchrun --standalone --nproc_per_node=2 -m layer_probe ARGV` (gloo on the CPU), one thread per process
+    whatever OMP_NUM_THREADS the caller set (torchrun keeps a set one), so bf16 rounds as the tests expect."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "layer_probe",
                *map(str, argv)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"},
                           cwd=Path(__file__).resolve().parents[1])
 
 
