@@ -371,15 +371,16 @@ def _record_epoch(run: _Run, config: TrainConfig, epoch: int, t0: float, loss: f
 
 
 def _save_state(run: _Run, config: TrainConfig, state_path: Path) -> None:
-    """The resumable state, then the logs beside the checkpoint; each file atomically."""
+    """The resumable state, then the logs beside it, each file atomically. The checkpoint's folder gets the logs
+    only with the checkpoint (`_save_final`), so an unfinished run leaves nothing half-done there."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "generator": run.generator.get_state(), "epoch": run.epoch, "wall_s": run.wall,
              "epochs_csv": run.epochs_csv, "history_csv": run.history_csv, "summary": run.summary,
              "config": _config_dict(config)}
     with atomic_path(state_path) as tmp:
         torch.save(state, tmp)
-    write_text(epochs_path(config.out), run.epochs_csv)
-    write_text(history_path(config.out), run.history_csv)
+    write_text(epochs_path(state_path), run.epochs_csv)
+    write_text(history_path(state_path), run.history_csv)
 
 
 def _save_final(run: _Run, config: TrainConfig) -> None:

@@ -188,6 +188,8 @@ def _file(**fields):
     return _saved(lambda: {"state_dict": _state(), **fields})
 
 
+RUN_FILES = ["state.epochs.csv", "state.history.csv", "state.pt"]  # a run folder: its state and its logs
+
 BROKEN = {  # name: (how to make the file, extra CLI arguments, what the error says)
     "empty": (_written(lambda: b""), [], "empty file"),
     "directory": (lambda path: path.mkdir(), [], "is a directory"),
@@ -589,8 +591,9 @@ def test_training_state_cut_mid_write_is_whole_and_resumable(tree, tmp_path, mon
         m.setattr(torch, "save", save_then_die)
         train(config)
     assert saves == [1, 2] and torch_load(tmp_path / "run" / "state.pt")["epoch"] == 1
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["state.pt"]
-    assert pd.read_csv(epochs_path(config.out))["epoch"].tolist() == [1]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == RUN_FILES
+    assert pd.read_csv(epochs_path(tmp_path / "run" / "state.pt"))["epoch"].tolist() == [1]
+    assert not epochs_path(config.out).exists()
     train(config, resume=True)
     assert pd.read_csv(epochs_path(config.out))["epoch"].tolist() == [1, 2]
     assert load_checkpoint(config.out).meta["epochs"] == 2
@@ -727,11 +730,11 @@ def test_sigterm_during_training_then_resume_loses_only_the_unfinished_epoch(tmp
     finally:
         proc.kill()
     assert proc.returncode == 130 and err.splitlines()[-1] == "layer-probe: interrupted" and "Traceback" not in err
-    assert "epoch 3/3" not in rest and not out.exists()
-    finished = pd.read_csv(epochs_path(out))["epoch"].tolist()
+    assert "epoch 3/3" not in rest and not out.exists() and not epochs_path(out).exists()  # logs come with the .pt
+    finished = pd.read_csv(epochs_path(run_dir / "state.pt"))["epoch"].tolist()
     assert finished in ([1], [1, 2])  # whole epochs only: the one running at the signal is not recorded
     assert torch_load(run_dir / "state.pt")["epoch"] == finished[-1]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["state.pt"]  # no half-written temporary file
+    assert sorted(p.name for p in run_dir.iterdir()) == RUN_FILES  # no half-written temporary file
     resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resnet8 epoch {finished[-1]}/3" not in resumed.stdout and "resnet8 epoch 3/3" in resumed.stdout

@@ -112,6 +112,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tree):
             train(first)
     finally:
         t.top1 = original
+    assert not epochs_path(first.out).exists() and not history_path(first.out).exists()  # only with the checkpoint
+    assert pd.read_csv(epochs_path(first.state_dir / "state.pt"))["epoch"].tolist() == [1]  # the run's own copy
     with pytest.raises(LayerProbeError, match="--resume"):
         train(first)
     train(first, resume=True)
