@@ -24,8 +24,7 @@ import pandas as pd
 from torch import Tensor
 
 from .analysis import AnalysisConfig, analyze, rise_ratio
-from .checkpoint import load_checkpoint
-from .data import repository_root
+from .checkpoint import checkpoints_dir, load_checkpoint
 from .measurement import measure_images
 
 ABLATIONS = ("no-smoothing", "normalized-head", "frozen-last-bn")
@@ -51,7 +50,7 @@ class Run:
 def find_runs(folder: str | Path | None = None) -> list[Run]:
     """The resnet20 runs that exist under `folder` (default: the repository's `checkpoints/`): the shipped
     one, the ablations, the faithful seeds."""
-    folder = Path(folder) if folder is not None else (repository_root() or Path.cwd()) / "checkpoints"
+    folder = Path(folder) if folder is not None else checkpoints_dir()
     runs = [Run("fast", "fast", folder / "resnet20.pt")]
     runs += [Run(name, name, folder / "ablations" / f"resnet20-{name}.pt") for name in ABLATIONS]
     runs += [Run(f"faithful seed {s}", "faithful", folder / "faithful" / ("resnet20.pt" if s == 0 else

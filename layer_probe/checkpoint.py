@@ -307,11 +307,15 @@ FIG7 = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")  # the five n
 RECIPE_SETS = {"fast": "", "faithful": "faithful"}  # recipe -> its folder below checkpoints/
 
 
+def checkpoints_dir() -> Path:
+    """`checkpoints/` of the repository (of the working directory when the package is installed)."""
+    return (repository_root() or Path.cwd()) / "checkpoints"
+
+
 def shipped(recipe: str = "fast", *, existing: bool = True) -> list[Path]:
     """The shipped checkpoints of Fig. 7's networks trained with `recipe`, in `FIG7` order, then their seed
-    replicates (`NAME-seedN.pt`): below `checkpoints/` of the repository (of the working directory when the
-    package is installed); only those that exist unless `existing=False`."""
-    folder = (repository_root() or Path.cwd()) / "checkpoints" / RECIPE_SETS[recipe]
+    replicates (`NAME-seedN.pt`), below `checkpoints_dir()`; only those that exist unless `existing=False`."""
+    folder = checkpoints_dir() / RECIPE_SETS[recipe]
     paths = [folder / f"{name}.pt" for name in FIG7]
     paths = [p for p in paths if p.exists()] if existing else paths
     return paths + sorted(folder.glob("*-seed*.pt"), key=lambda p: (FIG7.index(p.stem.split("-")[0])

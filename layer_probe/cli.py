@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(batch_size=100)
 
     p = sub.add_parser("ablations", help="which training choice makes the rise in the last layers (resnet20 runs)")
-    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), metavar="DIR",
-                   help="where resnet20.pt, ablations/ and faithful/ are (default: checkpoints)")
+    p.add_argument("--checkpoints", type=Path, metavar="DIR",
+                   help="where resnet20.pt, ablations/ and faithful/ are (default: the repository's checkpoints/)")
     p.add_argument("--limit", type=_positive, help="analyse a seeded random subset of N test images")
     p.add_argument("--out", type=Path, help="write ablations.csv and verdicts.csv here")
     _add_data_args(p)
@@ -334,12 +334,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_ablations(args: argparse.Namespace) -> int:
     from .ablations import ablation_table, find_runs, verdicts
+    from .checkpoint import checkpoints_dir
     from .data import load_cifar10, to_tensors
     from .files import check_writable, write_text
 
-    runs = find_runs(args.checkpoints)
+    folder = args.checkpoints or checkpoints_dir()
+    runs = find_runs(folder)
     if not runs:
-        raise LayerProbeError(f"no resnet20 runs under {args.checkpoints} (train them with `make ablations`)")
+        raise LayerProbeError(f"no resnet20 runs under {folder} (train them with `make ablations`)")
     if args.out:
         check_writable(args.out)
     images, labels = to_tensors(load_cifar10(args.data, "test", download=args.download), args.limit)
@@ -360,13 +362,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .measurement import measure_images
     from .plots import plot_responses, save_figure
 
-    from .checkpoint import shipped
+    from .checkpoint import checkpoints_dir, shipped
 
     if args.checkpoints and args.set:
         raise LayerProbeError("pass checkpoints or --set, not both")
     recipes = ("fast", "faithful") if args.set == "all" else (args.set or "fast",)
     checkpoints = args.checkpoints or [str(p) for r in recipes for p in shipped(r, existing=r != "fast")]
-    root = shipped("fast", existing=False)[0].parent
     for option in ("arch", "labels"):
         given = getattr(args, option)
         if given and len(given) != len(checkpoints):
@@ -377,7 +378,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         ckpt, layout, images, labels, meta = _load(args, path, args.arch[i] if args.arch else None)
         # a set's networks: "resnet20" (fast) or "faithful/resnet20-seed1", of the group "faithful/resnet20" that
         # Fig. 7 draws as one band
-        within = Path(path).with_suffix("").relative_to(root) if args.set else None
+        within = Path(path).with_suffix("").relative_to(checkpoints_dir()) if args.set else None
         label = args.labels[i] if args.labels else within.as_posix() if within else ckpt.arch
         meta |= ckpt.describe(label)
         norm = tuple(meta["mean"]), tuple(meta["std"])

@@ -379,16 +379,20 @@ def _save_state(run: _Run, config: TrainConfig, state_path: Path) -> None:
              "config": _config_dict(config)}
     with atomic_path(state_path) as tmp:
         torch.save(state, tmp)
-    write_text(epochs_path(state_path), run.epochs_csv)
-    write_text(history_path(state_path), run.history_csv)
+    _write_logs(run, state_path)
+
+
+def _write_logs(run: _Run, beside: Path) -> None:
+    """The epoch log and the response history beside `beside` (the run's state, or the checkpoint)."""
+    write_text(epochs_path(beside), run.epochs_csv)
+    write_text(history_path(beside), run.history_csv)
 
 
 def _save_final(run: _Run, config: TrainConfig) -> None:
     precisions = list(dict.fromkeys(r["precision"] for r in csv.DictReader(io.StringIO(run.epochs_csv))))
     meta = run.meta | (run.summary or {"epochs": 0}) | {"precision": "+".join(precisions)}
     save_checkpoint(config.out, run.model, config.arch, _arch_kwargs(config.arch, config.recipe), meta)
-    write_text(epochs_path(config.out), run.epochs_csv)
-    write_text(history_path(config.out), run.history_csv)
+    _write_logs(run, config.out)
     print(f"wrote {config.out}", flush=True)
 
 
