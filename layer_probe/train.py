@@ -224,6 +224,9 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
         if processes.main:  # finished before: keep the file as it is, bytes included, and load no data
             print(f"{config.arch}: already trained ({state['epoch']} epochs), {config.out} kept", flush=True)
         return config.out
+    if state is not None and processes.main:
+        print(f"{config.arch}: resuming after epoch {state['epoch']} of {config.recipe.epochs} ({config.state_dir})",
+              flush=True)
     run = _setup(config, state, processes)
     for epoch in range(run.epoch + 1, config.recipe.epochs + 1):
         t0 = time.perf_counter()

@@ -156,7 +156,8 @@ def test_resume_across_a_precision_change_records_each_epochs_precision(tmp_path
         finally:
             t._save_state = original
     train(replace(cfg, precision="fp32"), resume=True)
-    assert "epochs 1-1 ran in bf16" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"resuming after epoch 1 of 2 ({cfg.state_dir})" in printed and "epochs 1-1 ran in bf16" in printed
     assert pd.read_csv(epochs_path(cfg.out))["precision"].tolist() == ["bf16", "fp32"]
     assert load_checkpoint(cfg.out).meta["precision"] == "bf16+fp32" and out.exists()
 
