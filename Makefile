@@ -59,7 +59,8 @@ replicates: env
 lab: env
 	$(BIN)/jupyter lab notebooks/
 
-# Execute every notebook in place on all 10,000 test images (the committed outputs come from this).
+# Execute every notebook in place (all 10,000 test images unless LAYER_PROBE_IMAGES says fewer) and save each
+# answer's values in notebooks/answers/ for `layer-probe report --lang`.
 notebooks: env
-	cd notebooks && ../$(BIN)/jupyter nbconvert --to notebook --execute \
+	cd notebooks && LAYER_PROBE_SAVE_ANSWERS=1 ../$(BIN)/jupyter nbconvert --to notebook --execute \
 		--inplace --ExecutePreprocessor.timeout=7200 *.ipynb

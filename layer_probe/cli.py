@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", help=f"default: checkpoints/{{{','.join(FIG7)}}}.pt")
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: report/)")
     p.add_argument("--limit", type=_positive, help="use a seeded random subset of N test images")
+    p.add_argument("--lang", choices=("en", "ko", "both"), default="en",
+                   help="language of the notebooks' answers at the end of report.md (default: en)")
     _add_data_args(p)
 
     p = sub.add_parser("checkpoints", help="the trained checkpoints: recipe, epochs, wall time, errors, sha256")
@@ -454,7 +456,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .data import resolve_data
         resolve_data(args.data, download=True)
     checkpoints = args.checkpoints or _shipped()
-    print(f"wrote {build_report(checkpoints, args.out, data=args.data, limit=args.limit, device=_device(args.device))}")
+    langs = ("en", "ko") if args.lang == "both" else (args.lang,)
+    report = build_report(checkpoints, args.out, data=args.data, limit=args.limit, device=_device(args.device),
+                          langs=langs)
+    print(f"wrote {report}")
     return 0
 
 

@@ -9,7 +9,6 @@ keyed by the source's checksum, so the second run starts in seconds. Classes are
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import LayerProbeError
-from .files import atomic_path
+from .files import atomic_path, sha256
 
 Split = Literal["train", "test"]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -119,7 +118,7 @@ def load_cifar10(data: str | Path | None, split: Split = "test", *, download: bo
         raise LayerProbeError(f"split must be 'train' or 'test', got {split!r}")
     path = resolve_data(data, download=download)
     batches = _batches_folder(path)
-    digest = _digest(batches or path)
+    digest = sha256(batches or path)
     cached = cache_dir() / "data" / f"{digest[:16]}-{split}.npz"
     if use_cache and cached.exists():
         with np.load(cached, allow_pickle=False) as z:
@@ -216,7 +215,7 @@ def load_image_folder(root: str | Path) -> ImageFolderSet:
         dataset = datasets.ImageFolder(str(root), transform=transform)
     except FileNotFoundError as e:
         raise LayerProbeError(f"{root}: not an ImageFolder ({e}); expected <class>/<image> sub-folders") from None
-    return ImageFolderSet(dataset, str(root), _digest(root), tuple(dataset.classes))
+    return ImageFolderSet(dataset, str(root), sha256(root), tuple(dataset.classes))
 
 
 def folder_batches(data: ImageFolderSet, index: np.ndarray, batch_size: int, mean: tuple[float, ...],
@@ -263,21 +262,6 @@ def _batches_folder(path: Path) -> Path | None:
         if (candidate / "test_batch").is_file():
             return candidate
     return None
-
-
-def _digest(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's listing (relative names, sizes, mtimes)."""
-    h = hashlib.sha256()
-    if path.is_file():
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -6,6 +6,7 @@ or the new one, never a half-written one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def check_writable(directory: str | Path) -> Path:
@@ -59,3 +60,18 @@ def check_writable(directory: str | Path) -> Path:
     except OSError as e:
         raise LayerProbeError(f"cannot write to {directory}: {e.strerror or e}") from None
     return directory
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's listing (relative names, sizes, mtimes)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -7,7 +7,6 @@ check, and `report.md` that ties them together.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -16,11 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from .analysis import AnalysisConfig, analyze, compare
+from .answers import stored_answers
 from .checkpoint import load_checkpoint
 from .data import load_cifar10, to_tensors
 from .dynamics import read_epochs, read_history, summary
 from .errors import LayerProbeError
-from .files import write_text
+from .files import sha256, write_text
 from .models import is_plain
 from .plots import plot_analysis, plot_dynamics, plot_responses, plot_training_curves, save_figure
 from .surgery import identity_check
@@ -30,8 +30,10 @@ JPEG_NOTE = ("Numbers come from the JPEG re-encoding of CIFAR-10 (quality 75, 4:
 
 
 def build_report(checkpoints: Sequence[str | Path], out: str | Path, *, data: str | None = None,
-                 limit: int | None = None, device: str = "cpu", progress: bool = True) -> Path:
-    """Measure every checkpoint on the test split and write the report into `out`; returns report.md."""
+                 limit: int | None = None, device: str = "cpu", progress: bool = True,
+                 langs: Sequence[str] = ("en",)) -> Path:
+    """Measure every checkpoint on the test split and write the report into `out`, ending with the notebooks'
+    saved answers in each language of `langs`; returns report.md."""
     out = Path(out)
     test = load_cifar10(data, "test")
     images, labels = to_tensors(test, limit, device)
@@ -85,7 +87,7 @@ def build_report(checkpoints: Sequence[str | Path], out: str | Path, *, data: st
         lines += ["## Identity construction: a deeper net that is no worse", "",
                   _markdown(pd.DataFrame([asdict(c) for c in checks])), ""]
     report = out / "report.md"
-    write_text(report, "\n".join(lines))
+    write_text(report, "\n".join(lines) + "\n" + stored_answers(langs))
     return report
 
 
@@ -113,7 +115,7 @@ def checkpoint_table(checkpoints: Sequence[str | Path], folder: str | Path | Non
                      "epochs": meta["epochs"], "seed": meta["seed"], "wall_h": round(meta["wall_s"] / 3600, 2),
                      "device": meta["device"], "train_error": meta["train_error"], "top1": meta["top1"],
                      "dataset_sha256": meta["dataset_sha256"][:12],
-                     "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()})
+                     "sha256": sha256(Path(path))})
     return pd.DataFrame(rows)
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import JPEG_TAR
+from test_answers import numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -45,6 +46,10 @@ def test_notebook_runs_in_fast_mode_and_prints_what_a_direct_computation_gives(p
     assert text_outputs(notebook.cells[1]) == [
         f"{os.environ['LAYER_PROBE_IMAGES']} test images from {data.name} (sha256 {test.sha256[:12]})",
         "shipped checkpoints: " + ", ".join(shipped)]
+    # the answer, in English then Korean, rendered from this run's values: the same numbers in both
+    en, ko = ["".join(o["data"]["text/markdown"]) for o in notebook.cells[-1].outputs
+              if "text/markdown" in o.get("data", {})]
+    assert f"{int(os.environ['LAYER_PROBE_IMAGES']):,}" in en and numbers(en) == numbers(ko)
     if path.stem.startswith("04"):  # the degradation lines, against the epoch logs read here
         final = {n: pd.read_csv(ROOT / "checkpoints" / f"{n}.epochs.csv").train_error.iloc[-1] for n in shipped}
         expected = [f"{d}'s final training error, {final[d]:.2f}%, is {'above' if final[d] > final[s] else 'below'} "
