@@ -103,3 +103,12 @@ def test_each_notebook_answers_in_english_then_korean_with_the_same_numbers(path
     assert en.startswith("## Answer") and re.search(r"[\uac00-\ud7a3]", ko)
     assert numbers(en) == numbers(ko)
     assert re.search(r"[\uac00-\ud7a3]", "".join(cells[0]["source"])), "the question is stated in Korean too"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_each_notebook_shows_its_saved_values_rendered_by_the_current_templates(path):
+    """The committed outputs, the saved values and the templates agree: a template edited after the run fails here."""
+    last = json.loads(path.read_text(encoding="utf-8"))["cells"][-1]
+    question = re.search(r'render\("(\w+)"', "".join(last["source"])).group(1)
+    record = load_answer(ROOT / "notebooks" / "answers" / f"{question}.json")
+    assert _markdown_outputs(last) == [render(question, record["values"], lang) for lang in LANGS]
