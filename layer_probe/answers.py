@@ -63,8 +63,8 @@ def render(question: str, values: Mapping[str, object], lang: str = "en") -> str
 
 
 def provenance(data, checkpoints: Sequence[str | Path]) -> dict[str, object]:  # noqa: ANN001 - data.ImageSet
-    """What an answer's values were measured on: the test data (name, sha256, images) and each checkpoint's
-    sha256, by its path below `checkpoints/`."""
+    """What an answer's values were measured on: the test data (file name, sha256) and each checkpoint's sha256,
+    by its path below `checkpoints/` (the number of images is one of the values)."""
     root = checkpoints_dir().resolve()
     return {"data": Path(data.source).name, "data_sha256": data.sha256,
             "checkpoints": {Path(p).resolve().relative_to(root).as_posix(): sha256(Path(p)) for p in checkpoints}}
