@@ -526,7 +526,7 @@ def _half_then(fail):
 def _break_writer(m, output: str, fail) -> None:
     """Make the writer behind `output` write half of its file and then fail."""
     if output == "responses":
-        m.setattr(Path, "write_text", lambda self, text: _half_then(fail)(self, text.encode()))
+        m.setattr(Path, "write_text", lambda self, text, **kw: _half_then(fail)(self, text.encode()))
     elif output == "plot":
         m.setattr(Figure, "savefig", lambda self, fname, **kw: _half_then(fail)(fname, b"<svg>" * 100))
     else:
