@@ -717,33 +717,38 @@ def test_sigterm_during_training_then_resume_loses_only_the_unfinished_epoch(tmp
     for folder in (data / "test").iterdir():  # 20 test images: evaluation and probes are quick
         for f in sorted(folder.iterdir())[2:]:
             f.unlink()
-    out, run_dir = tmp_path / "r8.pt", tmp_path / "run"
-    argv = [sys.executable, "-u", "-m", "layer_probe", "train", "--arch", "resnet8", "--limit", "100", "--epochs", "3",
-            "--data", str(data), "--out", str(out), "--run-dir", str(run_dir), "--device", "cpu", "--precision", "fp32"]
+    out, run_dir, epochs = tmp_path / "r8.pt", tmp_path / "run", 8  # epochs enough that the signal lands mid-run
+    argv = [sys.executable, "-u", "-m", "layer_probe", "train", "--arch", "resnet8", "--limit", "100",
+            "--epochs", str(epochs), "--data", str(data), "--out", str(out), "--run-dir", str(run_dir),
+            "--device", "cpu", "--precision", "fp32"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert proc.stdout.readline() == "resnet8: precision fp32 (as requested)\n"
         first = proc.stdout.readline()
-        assert first.startswith("resnet8 epoch 1/3: "), first + proc.stderr.read()
+        assert first.startswith(f"resnet8 epoch 1/{epochs}: "), first + proc.stderr.read()
         proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 130 and err.splitlines()[-1] == "layer-probe: interrupted" and "Traceback" not in err
-    assert "epoch 3/3" not in rest and not out.exists() and not epochs_path(out).exists()  # logs come with the .pt
+    assert f"epoch {epochs}/{epochs}" not in rest
+    assert not out.exists() and not epochs_path(out).exists()  # logs come with the .pt
     finished = pd.read_csv(epochs_path(run_dir / "state.pt"))["epoch"].tolist()
-    assert finished in ([1], [1, 2])  # whole epochs only: the one running at the signal is not recorded
+    assert finished == list(range(1, len(finished) + 1)) and len(finished) < epochs  # whole epochs only: the one
+    # running at the signal is not recorded
     assert torch_load(run_dir / "state.pt")["epoch"] == finished[-1]
     assert sorted(p.name for p in run_dir.iterdir()) == RUN_FILES  # no half-written temporary file
     resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resnet8 epoch {finished[-1]}/3" not in resumed.stdout and "resnet8 epoch 3/3" in resumed.stdout
+    assert f"resnet8 epoch {finished[-1]}/{epochs}" not in resumed.stdout
+    assert f"resnet8 epoch {epochs}/{epochs}" in resumed.stdout
     log, history = pd.read_csv(epochs_path(out)), pd.read_csv(history_path(out))
-    assert log["epoch"].tolist() == [1, 2, 3]
-    assert history.groupby("epoch").size().to_dict() == {e: 2 * 7 for e in range(4)}  # both BN modes
+    assert log["epoch"].tolist() == list(range(1, epochs + 1))
+    assert history.groupby("epoch").size().to_dict() == {e: 2 * 7 for e in range(epochs + 1)}  # both BN modes
     # nothing lost: the same weights and epoch log as a run never interrupted
-    whole = TrainConfig(arch="resnet8", out=tmp_path / "whole" / "r8.pt", recipe=replace(RECIPES["fast"], epochs=3),
-                        data=str(data), run_dir=tmp_path / "whole-run", limit=100, progress=False, precision="fp32")
+    whole = TrainConfig(arch="resnet8", out=tmp_path / "whole" / "r8.pt",
+                        recipe=replace(RECIPES["fast"], epochs=epochs), data=str(data), run_dir=tmp_path / "whole-run",
+                        limit=100, progress=False, precision="fp32")
     train(whole)
     a, b = load_checkpoint(out).model.state_dict(), load_checkpoint(whole.out).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
