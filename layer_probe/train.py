@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import save_checkpoint, torch_load
+from .checkpoint import load_checkpoint, save_checkpoint, torch_load
 from .data import CIFAR_MEAN, CIFAR_STD, ImageSet, cache_dir, load_cifar10, normalize, subset, to_tensors
 from .distributed import Processes
 from .errors import LayerProbeError
@@ -223,6 +223,13 @@ def train(config: TrainConfig, *, resume: bool = False, processes: Processes = P
     if state is not None and state["epoch"] >= config.recipe.epochs and config.out.exists():
         if processes.main:  # finished before: keep the file as it is, bytes included, and load no data
             print(f"{config.arch}: already trained ({state['epoch']} epochs), {config.out} kept", flush=True)
+        return config.out
+    if state is None and config.out.exists():  # a finished run whose saved state is not on this machine
+        if not (resume and _finished_as_asked(config)):
+            raise LayerProbeError(f"{config.out} exists and {config.state_dir} holds no run of it: pass another "
+                                  "--out, or remove it to train again")
+        if processes.main:
+            print(f"{config.arch}: already trained ({config.out} records these settings), kept", flush=True)
         return config.out
     if state is not None and processes.main:
         print(f"{config.arch}: resuming after epoch {state['epoch']} of {config.recipe.epochs} ({config.state_dir})",
@@ -408,6 +415,21 @@ def _arch_kwargs(arch: str, recipe: Recipe) -> dict[str, Any]:
     return {"head": recipe.head}
 
 
+def recorded_recipe(meta: dict[str, Any]) -> Recipe:
+    """The recipe a checkpoint's metadata records; switches added since it was trained take their defaults."""
+    known = {f.name for f in fields(Recipe)}
+    recipe = Recipe(**{k: v for k, v in meta["recipe"].items() if k in known})
+    return replace(recipe, milestones=tuple(recipe.milestones))
+
+
+def _finished_as_asked(config: TrainConfig) -> bool:
+    """Whether the checkpoint at `config.out` records this architecture, recipe, seed and all its epochs."""
+    checkpoint = load_checkpoint(config.out)
+    meta = checkpoint.meta
+    return (checkpoint.arch == config.arch and "recipe" in meta and recorded_recipe(meta) == config.recipe
+            and meta.get("seed") == config.seed and meta.get("epochs") == config.recipe.epochs)
+
+
 def _read_state(path: Path, config: TrainConfig) -> dict[str, Any]:
     """A saved run, read on the CPU like any untrusted file (see `torch_load`).
 
@@ -465,15 +487,11 @@ def initial_rows(checkpoint: str | Path, data: str | Path | None = None) -> list
     probed as `train` probes it (channels_last, the seeded probe set of `probe_images` test images).
     Rows the run recorded at epoch 0 are reproduced only when these are the weights it started from.
     """
-    from .checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(checkpoint)
     meta = ckpt.meta
     if "seed" not in meta or "recipe" not in meta:
         raise LayerProbeError(f"{checkpoint}: not trained by `layer-probe train` (no seed or recipe in its metadata)")
-    known = {f.name for f in fields(Recipe)}
-    recipe = Recipe(**{k: v for k, v in meta["recipe"].items() if k in known})
-    model = initial_model(ckpt.arch, recipe, meta["seed"]).to(memory_format=torch.channels_last)
+    model = initial_model(ckpt.arch, recorded_recipe(meta), meta["seed"]).to(memory_format=torch.channels_last)
     images, labels = to_tensors(load_cifar10(data, "test"), meta.get("probe_images", 1000), seed=meta["seed"])
     return probe_rows(model, 0, images, labels)
 

@@ -142,6 +142,22 @@ def test_resuming_a_finished_run_keeps_the_checkpoint_bytes(tmp_path, tree, caps
     assert "already trained (1 epochs)" in printed and "wrote" not in printed
 
 
+def test_a_checkpoint_whose_saved_run_is_elsewhere_is_kept_or_refused_never_overwritten(tmp_path, tree, capsys):
+    """A clone holds the checkpoints but not the runs that made them: `make faithful` there must not retrain."""
+    cfg = config(tmp_path, tree, recipe=replace(TINY, epochs=1))
+    train(cfg)
+    before = cfg.out.read_bytes()
+    elsewhere = replace(cfg, run_dir=tmp_path / "fresh-machine", data=str(tmp_path / "no-data-here"))
+    capsys.readouterr()
+    assert train(elsewhere, resume=True) == cfg.out  # the same settings: kept, and no data loaded
+    assert capsys.readouterr().out == f"resnet8: already trained ({cfg.out} records these settings), kept\n"
+    for other, resume in [(elsewhere, False), (replace(elsewhere, seed=1), True),
+                          (replace(elsewhere, recipe=replace(TINY, epochs=2)), True)]:
+        with pytest.raises(LayerProbeError, match="exists and .* holds no run of it: pass another --out"):
+            train(other, resume=resume)
+    assert cfg.out.read_bytes() == before and not (tmp_path / "fresh-machine" / "state.pt").exists()
+
+
 def test_resume_across_a_precision_change_records_each_epochs_precision(tmp_path, tree, capsys):
     train(config(tmp_path, tree, recipe=replace(TINY, epochs=1), precision="bf16"))
     out = train(config(tmp_path, tree, recipe=replace(TINY, epochs=1), precision="fp32"), resume=True)
