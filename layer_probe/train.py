@@ -415,7 +415,7 @@ def _arch_kwargs(arch: str, recipe: Recipe) -> dict[str, Any]:
     return {"head": recipe.head}
 
 
-def recorded_recipe(meta: dict[str, Any]) -> Recipe:
+def _recorded_recipe(meta: dict[str, Any]) -> Recipe:
     """The recipe a checkpoint's metadata records; switches added since it was trained take their defaults."""
     known = {f.name for f in fields(Recipe)}
     recipe = Recipe(**{k: v for k, v in meta["recipe"].items() if k in known})
@@ -426,7 +426,7 @@ def _finished_as_asked(config: TrainConfig) -> bool:
     """Whether the checkpoint at `config.out` records this architecture, recipe, seed and all its epochs."""
     checkpoint = load_checkpoint(config.out)
     meta = checkpoint.meta
-    return (checkpoint.arch == config.arch and "recipe" in meta and recorded_recipe(meta) == config.recipe
+    return (checkpoint.arch == config.arch and "recipe" in meta and _recorded_recipe(meta) == config.recipe
             and meta.get("seed") == config.seed and meta.get("epochs") == config.recipe.epochs)
 
 
@@ -491,7 +491,7 @@ def initial_rows(checkpoint: str | Path, data: str | Path | None = None) -> list
     meta = ckpt.meta
     if "seed" not in meta or "recipe" not in meta:
         raise LayerProbeError(f"{checkpoint}: not trained by `layer-probe train` (no seed or recipe in its metadata)")
-    model = initial_model(ckpt.arch, recorded_recipe(meta), meta["seed"]).to(memory_format=torch.channels_last)
+    model = initial_model(ckpt.arch, _recorded_recipe(meta), meta["seed"]).to(memory_format=torch.channels_last)
     images, labels = to_tensors(load_cifar10(data, "test"), meta.get("probe_images", 1000), seed=meta["seed"])
     return probe_rows(model, 0, images, labels)
 
