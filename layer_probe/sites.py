@@ -450,6 +450,17 @@ class _Found:
     tap: str = ""
 
 
+@dataclass(frozen=True)
+class _Placed:
+    """A block with where it ran: its call, its (F(x), x) operands (None in a plain net) and its shapes in and out."""
+
+    block: Block
+    call: int
+    operands: tuple[_Node, _Node] | None
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+
+
 def _norm_sites(model: nn.Module, record: _Record) -> list[_Found]:
     """Every norm layer whose input came from a convolution, at its BN value (before a norm-act's activation)."""
     modules = dict(model.named_modules())
@@ -480,7 +491,7 @@ def _read(model: nn.Module, record: _Record) -> Layout:
     notes: list[str] = []
     norms = _norm_sites(model, record)
     by_name = {f.name: f for f in norms}
-    blocks: list[tuple[Block, int, tuple[_Node, _Node], tuple[int, ...]]] = []  # block, call, (F, x), input shape
+    blocks: list[_Placed] = []
     per_call: dict[int, list[_Addition]] = {}
     for a in record.additions:
         if record.first_call[calls[a.call].name] == a.call:
@@ -522,7 +533,7 @@ def _read(model: nn.Module, record: _Record) -> Layout:
             shortcut = calls[outer[-1]].name if outer and not any(x is i for i in call.inputs) else None
             block = Block(name, branch, True, shortcut, a.op, f, call.name, a.ordinal)
             shape = call.inputs[0].shape if call.inputs else a.result.shape
-            blocks.append((block, index, (fx, x), shape, a.result.shape))
+            blocks.append(_Placed(block, index, (fx, x), shape, a.result.shape))
     found = sorted(norms + extra, key=lambda s: s.value.seq)
     if not blocks:
         if norms:
@@ -533,10 +544,10 @@ def _read(model: nn.Module, record: _Record) -> Layout:
         raise LayerProbeError(f"{kind}: no batch-norm layer after a convolution and no residual addition found in a "
                               "forward pass: nothing to probe")
     adders = tuple(dict.fromkeys(calls[a.call].name for a in record.additions))
-    return Layout(_number(found, blocks, calls), tuple(b[0] for b in blocks), tuple(dict.fromkeys(notes)), adders)
+    return Layout(_number(found, blocks, calls), tuple(b.block for b in blocks), tuple(dict.fromkeys(notes)), adders)
 
 
-def _plain_blocks(record: _Record, norms: list[_Found]) -> list:
+def _plain_blocks(record: _Record, norms: list[_Found]) -> list[_Placed]:
     """Without additions, a block is the module that calls conv-BN layers (not the model itself); F(x) stands at its last BN."""
     calls = record.calls
     parents: dict[int, list[_Found]] = {}
@@ -548,12 +559,12 @@ def _plain_blocks(record: _Record, norms: list[_Found]) -> list:
     for parent, inside in parents.items():
         call = calls[parent]
         out = call.output.shape if call.output is not None else ()
-        blocks.append((Block(call.name, inside[-1].name, False, None), parent, None,
-                       call.inputs[0].shape if call.inputs else out, out))
+        blocks.append(_Placed(Block(call.name, inside[-1].name, False, None), parent, None,
+                              call.inputs[0].shape if call.inputs else out, out))
     return blocks
 
 
-def _number(found: list[_Found], blocks: list, calls: list[_Call]) -> tuple[Site, ...]:
+def _number(found: list[_Found], blocks: list[_Placed], calls: list[_Call]) -> tuple[Site, ...]:
     """Roles, stages and block numbers: a site belongs to the innermost block whose call made it.
 
     A stage starts at the first block and wherever a block changes the shape of its input or
@@ -562,14 +573,14 @@ def _number(found: list[_Found], blocks: list, calls: list[_Call]) -> tuple[Site
     """
     numbers: dict[int, tuple[int, int]] = {}  # position in `blocks` -> (stage, block)
     stage, number, previous = 0, 0, None
-    for i, (_, _, _, shape_in, shape_out) in enumerate(blocks):
-        if stage == 0 or shape_in != shape_out or shape_in != previous:
+    for i, b in enumerate(blocks):
+        if stage == 0 or b.shape_in != b.shape_out or b.shape_in != previous:
             stage, number = stage + 1, 0
         numbers[i] = (stage, number)
-        number, previous = number + 1, shape_out
+        number, previous = number + 1, b.shape_out
     by_call: dict[int, list[int]] = {}
-    for i, (_, index, _, _, _) in enumerate(blocks):
-        by_call.setdefault(index, []).append(i)
+    for i, b in enumerate(blocks):
+        by_call.setdefault(b.call, []).append(i)
     sites = []
     for k, f in enumerate(found, 1):
         owner = f.call
@@ -579,8 +590,8 @@ def _number(found: list[_Found], blocks: list, calls: list[_Call]) -> tuple[Site
             sites.append(Site(k, f.name, "stem", 0, -1, f.channels, f.kernel, f.tap))
             continue
         mine = by_call[owner]
-        i = next((j for j in mine if blocks[j][0].branch_out == f.name), mine[-1])
-        block, _, operands, _, _ = blocks[i]
+        i = next((j for j in mine if blocks[j].block.branch_out == f.name), mine[-1])
+        block, operands = blocks[i].block, blocks[i].operands
         role: Role = "inner"
         if block.branch_out == f.name:
             role = "branch_out"
