@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from layer_probe.data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, normalize
 from layer_probe.models import build_model, is_cifar
+from layer_probe.precision import machine
 from layer_probe.probe import run_probe
 from layer_probe.results import summarize
 from layer_probe.sites import Layout, find_sites
@@ -217,23 +218,6 @@ def benchmark(args: argparse.Namespace, arch: str) -> None:
     print(f"naive keeps {per_image / 2**20:.2f} MiB per image: {per_image * 10_000 / 2**30:.1f} GiB for 10,000 images; "
           f"this machine has {available_bytes() / 2**30:.1f} GiB available, enough for about "
           f"{available_bytes() // per_image:,} images")
-
-
-def machine(device: str) -> str:
-    """The GPU's name, or the CPU's model name, core count and the instruction sets that decide bf16's speed."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            first = f.read().split("\n\n")[0].splitlines()  # the first processor's entry
-        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
-        name, flags = info["model name"], set(info.get("flags", "").split())
-    except (OSError, KeyError):
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    capped = [f"{v}={os.environ[v]}" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if v in os.environ]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}" + (f" (capped: {' '.join(capped)})" if capped else "")
 
 
 def main() -> None:

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 
 from layer_probe.data import CIFAR_MEAN, CIFAR_STD, normalize
 from layer_probe.models import build_model
-from layer_probe.precision import autocast, choose
+from layer_probe.precision import autocast, choose, machine
 from layer_probe.train import augment, step_timer
-from probe_overhead import machine
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, precision: str) -> None:

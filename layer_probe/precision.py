@@ -8,11 +8,14 @@ the faster.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -74,3 +77,24 @@ def choose(requested: PrecisionChoice, device: torch.device, step: Callable[[Pre
 def autocast(device: torch.device, precision: Precision | None) -> AbstractContextManager:
     """bf16 autocast for "bf16", a no-op otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def machine(device: str, cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The GPU's name, or the CPU's model name, core count and the instruction sets that decide bf16's speed.
+
+    Every speed this project reports names the machine it was measured on; the architecture alone
+    (`x86_64`) cannot tell a CPU with bf16 instructions from one that runs bf16 ten times slower.
+    """
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        first = Path(cpuinfo).read_text().split("\n\n")[0].splitlines()  # the first processor's entry
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
+        name, flags = info["model name"], set(info.get("flags", "").split())
+    except (OSError, KeyError):
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    capped = [f"{v}={os.environ[v]}" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if v in os.environ]
+    return (f"{name}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
+            + (f" (capped: {' '.join(capped)})" if capped else ""))

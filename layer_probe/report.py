@@ -134,7 +134,10 @@ def write_checkpoint_card(checkpoints: Sequence[str | Path], folder: str | Path)
              "of the last epoch. " + JPEG_NOTE, "",
              "`switches` lists where a run departs from its named recipe; `precision` is what its training steps "
              "ran in (the shipped five predate `--precision` and ran in bf16); wall_h is the training time in hours "
-             "on `device` (2 CPU cores; other work shared the machine at times); train_error is the last epoch's, "
+             "on `device` (2 CPU cores; other work shared the machine at times), the machines its epochs ran on "
+             "(files trained before the logs named them give only the CPU architecture, x86_64; their precision "
+             "tells the kind: bf16 ran on CPUs with bf16 instructions, fp32 where `--precision auto` found bf16 "
+             "slower, on CPUs without them); train_error is the last epoch's, "
              "in percent, with augmentation (and label smoothing where the recipe has it) on; dataset_sha256 "
              "begins the checksum of the training data read; sha256 is the file's.", "",
              _markdown(table), "", "![training curves](training_curves.png)", "",

@@ -28,7 +28,6 @@ import copy
 import csv
 import io
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -50,7 +49,7 @@ from .errors import LayerProbeError
 from .files import atomic_path, check_writable, write_text
 from .models import build_model, is_cifar
 from .models.cifar import Head
-from .precision import Precision, PrecisionChoice, autocast, choose
+from .precision import Precision, PrecisionChoice, autocast, choose, machine
 from .probe import top1
 from .measurement import ProbeConfig, measure_images
 from .sites import find_sites
@@ -108,8 +107,8 @@ class TrainConfig:
         return self.run_dir or cache_dir() / "runs" / self.out.resolve().parent.name / self.out.stem
 
 
-EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_error", "val_error", "lr", "precision", "images_per_s",
-                "epoch_s", "probe_s", "wall_s")
+EPOCH_FIELDS = ("epoch", "train_loss", "train_error", "test_error", "val_error", "lr", "precision", "device",
+                "images_per_s", "epoch_s", "probe_s", "wall_s")
 HISTORY_FIELDS = ("epoch", "bn_mode", "index", "name", "role", "stage", "block", "std", "ratio")
 
 
@@ -197,6 +196,7 @@ class _Run:
     probe: tuple[Tensor, Tensor]
     meta: dict[str, Any]
     precision: Precision
+    device: str  # the machine this call's epochs run on (`precision.machine`), logged with each epoch's speed
     lr: float = 0.0  # the last step's
     epoch: int = 0
     wall: float = 0.0
@@ -272,10 +272,11 @@ def _setup(config: TrainConfig, state: dict[str, Any] | None, processes: Process
     run = _Run(model, processes.wrap(model), optimizer, generator, (x_all[keep], y_all[keep]),
                (x_all[~keep], y_all[~keep]), to_tensors(test_set, device=device),
                to_tensors(test_set, config.probe_images, device, seed=config.seed),
-               _meta(config, train_set) | {"processes": processes.size}, precision)
+               _meta(config, train_set) | {"processes": processes.size}, precision, machine(config.device))
     if state is not None:
         run.epoch, run.wall, run.summary = state["epoch"], state["wall_s"], state["summary"]
-        run.epochs_csv, run.history_csv = state["epochs_csv"], state["history_csv"]
+        # rewritten under today's columns: a log saved before a column existed leaves it empty in its rows
+        run.epochs_csv, run.history_csv = _csv(EPOCH_FIELDS, _rows(state["epochs_csv"])), state["history_csv"]
     elif processes.main:
         run.epochs_csv = _csv(EPOCH_FIELDS, [])
         run.history_csv = _csv(HISTORY_FIELDS, probe_rows(model, 0, *run.probe))
@@ -318,8 +319,12 @@ def step_timer(model: nn.Module, batch_size: int, device: torch.device) -> Calla
 
 
 def _last_precision(epochs_csv: str) -> str | None:
-    rows = list(csv.DictReader(io.StringIO(epochs_csv)))
+    rows = _rows(epochs_csv)
     return rows[-1].get("precision") if rows else None
+
+
+def _rows(epochs_csv: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(epochs_csv)))
 
 
 def _train_epoch(run: _Run, config: TrainConfig, epoch: int, processes: Processes) -> tuple[float, float, float]:
@@ -371,8 +376,8 @@ def _record_epoch(run: _Run, config: TrainConfig, epoch: int, t0: float, loss: f
     probe_s = time.perf_counter() - t1
     run.wall += time.perf_counter() - t0
     row = {"epoch": epoch, "train_loss": loss, "train_error": train_error, "test_error": test_error,
-           "val_error": val_error, "lr": run.lr, "precision": run.precision, "images_per_s": images_per_s,
-           "epoch_s": time.perf_counter() - t0, "probe_s": probe_s, "wall_s": run.wall}
+           "val_error": val_error, "lr": run.lr, "precision": run.precision, "device": run.device,
+           "images_per_s": images_per_s, "epoch_s": time.perf_counter() - t0, "probe_s": probe_s, "wall_s": run.wall}
     run.epochs_csv += _csv(EPOCH_FIELDS, [row], header=False)
     run.epoch = epoch
     run.summary = {"epochs": epoch, "train_error": train_error, "top1": 100.0 - test_error, "wall_s": run.wall}
@@ -399,8 +404,12 @@ def _write_logs(run: _Run, beside: Path) -> None:
 
 
 def _save_final(run: _Run, config: TrainConfig) -> None:
-    precisions = list(dict.fromkeys(r["precision"] for r in csv.DictReader(io.StringIO(run.epochs_csv))))
-    meta = run.meta | (run.summary or {"epochs": 0}) | {"precision": "+".join(precisions)}
+    """The checkpoint, recording every precision and machine its epochs ran in (a resumed run may have changed
+    machine), then its logs beside it."""
+    rows = _rows(run.epochs_csv)
+    meta = run.meta | (run.summary or {"epochs": 0}) | {
+        "precision": "+".join(dict.fromkeys(r["precision"] for r in rows)),
+        "device": " + ".join(dict.fromkeys(r["device"] or "unrecorded" for r in rows))}
     save_checkpoint(config.out, run.model, config.arch, _arch_kwargs(config.arch, config.recipe), meta)
     _write_logs(run, config.out)
     print(f"wrote {config.out}", flush=True)
@@ -542,7 +551,7 @@ def _meta(config: TrainConfig, data: ImageSet) -> dict[str, Any]:
     return {"dataset": Path(data.source).name, "dataset_sha256": data.sha256,
             "train_images": len(data) if config.limit is None else min(config.limit, len(data)),
             "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
-            "recipe": asdict(config.recipe), "seed": config.seed, "device": _device_name(config.device),
+            "recipe": asdict(config.recipe), "seed": config.seed,
             "probe_images": config.probe_images, "code_version": __version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
@@ -551,8 +560,3 @@ def _config_dict(config: TrainConfig) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(replace(config, recipe=None)).items()} | {
         "recipe": asdict(config.recipe)}
 
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from layer_probe import precision
-from layer_probe.precision import Choice, choose, fastest
+from layer_probe.precision import Choice, choose, fastest, machine
 
 
 def fake_clock(durations):
@@ -54,3 +54,17 @@ def test_auto_times_the_real_step_in_both_precisions():
     seen = []
     choice = choose("auto", torch.device("cpu"), seen.append)
     assert set(seen) == {"fp32", "bf16"} and choice.precision in ("fp32", "bf16")
+
+
+def test_machine_names_the_cpu_model_cores_and_the_instruction_sets_that_decide_bf16(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+                       "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+                       "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n")
+    monkeypatch.setattr(precision.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert machine("cpu", cpuinfo) == "Intel(R) Xeon(R) Platinum 8480+, 2 cores, avx2 avx512f avx512_bf16 amx_bf16"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2\n")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert machine("cpu", cpuinfo) == "AMD EPYC, 2 cores, avx2 (capped: ONEDNN_MAX_CPU_ISA=AVX2)"

@@ -1,3 +1,4 @@
+import io
 from dataclasses import replace
 
 import pandas as pd
@@ -158,24 +159,51 @@ def test_a_checkpoint_whose_saved_run_is_elsewhere_is_kept_or_refused_never_over
     assert cfg.out.read_bytes() == before and not (tmp_path / "fresh-machine" / "state.pt").exists()
 
 
-def test_resume_across_a_precision_change_records_each_epochs_precision(tmp_path, tree, capsys):
+def test_resume_across_a_precision_change_records_each_epochs_precision(tmp_path, tree, capsys, monkeypatch):
     train(config(tmp_path, tree, recipe=replace(TINY, epochs=1), precision="bf16"))
     out = train(config(tmp_path, tree, recipe=replace(TINY, epochs=1), precision="fp32"), resume=True)
     assert "already trained" in capsys.readouterr().out  # finished runs are kept
     cfg = config(tmp_path / "b", tree, precision="bf16")
-    with pytest.raises(KeyboardInterrupt):  # stop after epoch 1 of 2
-        import layer_probe.train as t
-        original = t._save_state
-        t._save_state = lambda *a: (original(*a), (_ for _ in ()).throw(KeyboardInterrupt))
-        try:
-            train(cfg)
-        finally:
-            t._save_state = original
+    train_first_epoch(cfg, monkeypatch)
     train(replace(cfg, precision="fp32"), resume=True)
     printed = capsys.readouterr().out
     assert f"resuming after epoch 1 of 2 ({cfg.state_dir})" in printed and "epochs 1-1 ran in bf16" in printed
     assert pd.read_csv(epochs_path(cfg.out))["precision"].tolist() == ["bf16", "fp32"]
     assert load_checkpoint(cfg.out).meta["precision"] == "bf16+fp32" and out.exists()
+
+
+def test_each_epoch_names_its_machine_and_a_log_saved_before_that_still_resumes(tmp_path, tree, monkeypatch):
+    import layer_probe.train as t
+
+    cfg = config(tmp_path, tree)
+    monkeypatch.setattr(t, "machine", lambda device: "First CPU, 2 cores, avx2")
+    train_first_epoch(cfg, monkeypatch)
+    state = torch.load(cfg.state_dir / "state.pt", weights_only=False)
+    log = pd.read_csv(io.StringIO(state["epochs_csv"]))
+    assert log["device"].tolist() == ["First CPU, 2 cores, avx2"]
+    state["epochs_csv"] = log.drop(columns="device").to_csv(index=False)  # as saved before logs named the machine
+    torch.save(state, cfg.state_dir / "state.pt")
+    monkeypatch.setattr(t, "machine", lambda device: "Second CPU, 2 cores, avx2 avx512f")
+    train(cfg, resume=True)
+    log = pd.read_csv(epochs_path(cfg.out), keep_default_na=False)
+    assert list(log.columns) == list(t.EPOCH_FIELDS) and log["epoch"].tolist() == [1, 2]
+    assert log["device"].tolist() == ["", "Second CPU, 2 cores, avx2 avx512f"]
+    assert load_checkpoint(cfg.out).meta["device"] == "unrecorded + Second CPU, 2 cores, avx2 avx512f"
+
+
+def train_first_epoch(cfg: TrainConfig, monkeypatch) -> None:
+    """Train `cfg` (2 epochs) and stop, as a kill would, right after epoch 1's state is saved."""
+    import layer_probe.train as t
+
+    def save_then_stop(*args):
+        original(*args)
+        raise KeyboardInterrupt
+
+    original = t._save_state
+    monkeypatch.setattr(t, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(t, "_save_state", original)
 
 
 def test_recipes_decay_what_they_say_and_freeze_the_last_branch_bn():
