@@ -31,7 +31,7 @@ from .measurement import ProbeConfig, image_batches, measure_pass
 from .probe import Recording
 from .separability import separability
 from .results import BlockResponse, Responses, SiteResponse
-from .sites import Layout, find_sites
+from .sites import Layout, find_sites, is_norm
 from .stats import Moments
 from .surgery import lesion_deltas
 
@@ -173,7 +173,9 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     `cache=True` keeps the result in `<cache>/analyses/`, keyed by the weights, the images, the settings
     and this package's version, so notebooks that ask the same question share one computation.
     """
-    if cache:
+    pc = replace(config.probe, ratios=True)
+    layout = layout or find_sites(model).select(pc.sites)
+    if cache:  # keyed by the layout too: a plain net and its ResNet twin can hold the very same weights
         folder = _cache_folder(model, images, labels, mean, std, config, meta, layout)
         if (folder / "analysis.json").exists():
             return Analysis.load(folder / "analysis.json"), Responses.load(folder / "responses.json")
@@ -182,8 +184,6 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
         responses.save(folder)  # first: analysis.json marks a complete entry
         analysis.save(folder)
         return analysis, responses
-    pc = replace(config.probe, ratios=True)
-    layout = layout or find_sites(model).select(pc.sites)
     responses, result = measure_pass(model, image_batches(images, labels, mean, std, pc.batch_size), pc,
                                      meta={"batch_size": pc.batch_size} | (meta or {}), layout=layout,
                                      total=len(labels), progress=progress)
@@ -192,11 +192,13 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     weights = bootstrap_weights(n_batches, config.bootstrap, config.seed)
     boot = np.stack([bootstrap_std(rec.batch_moments(s.name), weights, pc.axes).numpy() for s in layout.sites], 1)
     low, high = np.quantile(boot, 0.025, axis=0), np.quantile(boot, 0.975, axis=0)
-    modules = dict(model.named_modules())
-    predicted = [gamma_std(modules[s.name]) for s in layout.sites]
+    norms = {name: m for name, m in model.named_modules() if is_norm(m)}  # γ predicts only a BN's response
+    nan = float("nan")
+    predicted = [gamma_std(norms[s.name]) if s.name in norms else nan for s in layout.sites]
     stds = responses.std()
     sites = tuple(replace(s, std_low=float(low[i]), std_high=float(high[i]), gamma_std=predicted[i],
-                          z_var=z_var(modules[s.name], rec.moments(s.name))) for i, s in enumerate(responses.sites))
+                          z_var=z_var(norms[s.name], rec.moments(s.name)) if s.name in norms else nan)
+                  for i, s in enumerate(responses.sites))
     keep = subset(len(labels), config.lesion_images, config.seed)
     deltas = lesion_deltas(model, layout.blocks, images[keep], labels[keep], mean, std, progress=progress)
     separable = separability(model, layout.blocks, images, labels, mean, std) if config.separability \
@@ -205,12 +207,13 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
     site_of = {s.name: s for s in sites}
     blocks = []
     for number, (block, delta, sep) in enumerate(zip(layout.blocks, deltas, separable), 1):
-        s, nan = site_of.get(block.branch_out), float("nan")
+        s = site_of.get(block.branch_out)
         # blocks without ratios (a plain block that changes shape) keep NaN for them
         r = by_block.get(block.name) or BlockResponse(block.name, block.branch_out, block.residual, nan, nan, nan, nan, nan)
         blocks.append(replace(r, number=number, site_index=s.index if s else -1, std=s.std if s else nan,
                               std_low=s.std_low if s else nan, std_high=s.std_high if s else nan,
-                              gamma_std=gamma_std(modules[block.branch_out]), lesion_delta=delta, separability=sep))
+                              gamma_std=gamma_std(norms[block.branch_out]) if block.branch_out in norms else nan,
+                              lesion_delta=delta, separability=sep))
     point, lo, hi = rise(stds, boot, config.rise_k)
     analysis = Analysis(sites, tuple(blocks), Rise(config.rise_k, point, lo, hi, lo > 1.0, _stage_rises(sites, boot),
                                                    _rise_evidence(sites, blocks, config.rise_k)),
@@ -222,7 +225,7 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float,
 
 
 def _cache_folder(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                  config: AnalysisConfig, meta: dict[str, Any] | None, layout: Layout | None) -> Path:
+                  config: AnalysisConfig, meta: dict[str, Any] | None, layout: Layout) -> Path:
     from . import __version__
     from .data import cache_dir
 
@@ -326,8 +329,11 @@ def _rise_evidence(sites: Sequence[SiteResponse], blocks: Sequence[BlockResponse
 
 
 def _gamma_fit(measured: Sequence[float], predicted: Sequence[float], z_vars: Sequence[float]) -> dict[str, float]:
-    """Agreement of measured and gamma-predicted std over sites, and the median of what the prediction assumes is 1."""
+    """Agreement of measured and gamma-predicted std over the sites γ predicts (BN layers), and the median of what
+    the prediction assumes is 1."""
     r = rho = float("nan")
+    pairs = [(m, p) for m, p in zip(measured, predicted) if not math.isnan(p)]
+    measured, predicted = [m for m, _ in pairs], [p for _, p in pairs]
     if len(measured) >= 3 and np.std(predicted) > 0 and np.std(measured) > 0:
         r, rho = float(sps.pearsonr(measured, predicted)[0]), float(sps.spearmanr(measured, predicted)[0])
     return {"pearson_r": r, "spearman_rho": rho, "z_var_median": _finite_median(z_vars)}

@@ -24,7 +24,7 @@ from torch import nn
 from .data import batches
 from .errors import LayerProbeError
 from .precision import Precision, autocast, choose
-from .probe import PassResult, run_probe
+from .probe import PassResult, bn_statistics, run_probe
 from .results import Axes, Responses, summarize
 from .sites import Layout, find_sites
 
@@ -128,17 +128,13 @@ def _amp(model: nn.Module, data: Data, amp: str | None, device: torch.device, on
         raise LayerProbeError(f"amp={amp!r} times a batch first, which a one-shot iterator cannot give back; "
                               "pass a list or a DataLoader")
     x, _ = next(iter(_batches(data, device)))
-    was = model.training
-    model.eval()  # a forward in train mode would move BN's running statistics
 
     def forward(precision: Precision) -> None:
         with torch.inference_mode(), autocast(device, precision):
             model(x)
 
-    try:
+    with bn_statistics(model, "eval"):  # a forward in train mode would move BN's running statistics
         choice = choose("auto", device, forward)
-    finally:
-        model.train(was)
     if amp == "bf16" and choice.precision == "fp32":
         print(f"warning: bf16 runs slower than fp32 here ({choice}); amp='auto' would take fp32", file=sys.stderr)
     return "bf16" if amp == "bf16" or choice.precision == "bf16" else None

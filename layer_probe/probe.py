@@ -361,14 +361,9 @@ def run_probe(model: nn.Module, layout: Layout, batches: Iterable[tuple[Tensor, 
 
 def top1(model: nn.Module, images: Tensor, labels: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
          batch_size: int = 500, *, channels_last: bool = False) -> float:
-    """Top-1 accuracy in percent of `model` in eval mode on uint8 images [N, 32, 32, 3] (mode restored)."""
-    was = model.training
-    model.eval()
+    """Top-1 accuracy in percent of `model` in eval mode on uint8 images [N, 32, 32, 3] (modes restored)."""
     correct = torch.zeros((), dtype=torch.long, device=labels.device)
-    try:
-        with torch.inference_mode():
-            for x, y in batches(images, labels, batch_size, mean, std, channels_last=channels_last):
-                correct += hits(model(x), y)
-    finally:
-        model.train(was)
+    with bn_statistics(model, "eval"), torch.inference_mode():
+        for x, y in batches(images, labels, batch_size, mean, std, channels_last=channels_last):
+            correct += hits(model(x), y)
     return 100.0 * int(correct) / len(labels)

@@ -200,8 +200,9 @@ def _filled(item: SiteResponse | BlockResponse) -> dict[str, Any]:
     """The fields of a site or block, without those `analyze` fills in while they are unset."""
     if isinstance(item, BlockResponse):
         extra, unset = _BLOCK_ANALYZED, item.number == 0
-    else:
-        extra, unset = _SITE_ANALYZED, math.isnan(item.gamma_std)
+    else:  # γ's prediction is NaN at a site that is no BN layer: unset only when every analysed field is
+        extra = _SITE_ANALYZED
+        unset = all(math.isnan(getattr(item, k)) for k in extra)
     return {k: v for k, v in asdict(item).items() if not (unset and k in extra)}
 
 

@@ -96,26 +96,21 @@ def _staged_lesions(model: CifarNet, blocks: Sequence[Block], images: Tensor, la
     position = {b.name: i for i, b in enumerate(blocks)}
     correct = torch.zeros(len(blocks) + 1, dtype=torch.long, device=labels.device)  # [0]: intact
     removable = [True] * len(blocks)
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in batches(images, labels, batch_size, mean, std):
-                h = model.stem(x)
-                for k, (name, block) in enumerate(chain):
-                    if name in position:
-                        i = position[name]
-                        with lesion(model, blocks[i]) as cut:
-                            out = h
-                            for _, later in chain[k:]:
-                                out = later(out)
-                            correct[i + 1] += hits(model.head(out), y)
-                        removable[i] &= cut.removable
-                        bar.update(1)
-                    h = block(h)
-                correct[0] += hits(model.head(h), y)
-    finally:
-        model.train(was)
+    with bn_statistics(model, "eval"), torch.inference_mode():
+        for x, y in batches(images, labels, batch_size, mean, std):
+            h = model.stem(x)
+            for k, (name, block) in enumerate(chain):
+                if name in position:
+                    i = position[name]
+                    with lesion(model, blocks[i]) as cut:
+                        out = h
+                        for _, later in chain[k:]:
+                            out = later(out)
+                        correct[i + 1] += hits(model.head(out), y)
+                    removable[i] &= cut.removable
+                    bar.update(1)
+                h = block(h)
+            correct[0] += hits(model.head(h), y)
     accuracy = (100.0 * correct.double() / len(labels)).tolist()
     return accuracy[0], accuracy[1:], removable
 

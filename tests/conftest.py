@@ -185,6 +185,18 @@ def trained_like(arch, seed=0):
     return model.eval()
 
 
+def fine_tuned(arch="resnet8"):
+    """A model in train mode whose first BN is held in eval mode, as when fine-tuning: every module's own mode
+    must survive a measurement, not only the model's."""
+    model = trained_like(arch).train()
+    model.layer1[0].bn1.eval()
+    return model
+
+
+def modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
 def stored_activations(model, names, data):
     """Independent reference: clone every site's output and keep it."""
     store = {n: [] for n in names}

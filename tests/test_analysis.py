@@ -266,6 +266,15 @@ def test_a_cached_analysis_is_the_same_and_is_keyed_by_the_weights(monkeypatch):
     assert calls == [1] and changed.sites[2].std != first.sites[2].std
 
 
+def test_a_plain_net_and_its_resnet_twin_holding_the_same_weights_are_cached_apart():
+    resnet, plain = trained_like("resnet8"), trained_like("plain8")
+    same = [torch.equal(a, b) for a, b in zip(resnet.state_dict().values(), plain.state_dict().values())]
+    assert len(resnet.state_dict()) == len(plain.state_dict()) and all(same)  # option A: no shortcut weights
+    r, _ = run(resnet, cache=True)
+    p, _ = run(plain, cache=True)
+    assert [b.residual for b in r.blocks] == [True] * 3 and [b.residual for b in p.blocks] == [False] * 3
+
+
 def test_replicates_are_paired_by_recipe_and_seed_and_counted():
     from layer_probe.analysis import claims_by_seed, claims_table
 

@@ -10,7 +10,7 @@ from layer_probe.analysis import AnalysisConfig, analyze
 from layer_probe.errors import LayerProbeError
 from layer_probe.measurement import ProbeConfig, measure_images
 from layer_probe.precision import Choice
-from conftest import trained_like
+from conftest import fine_tuned, modes, trained_like
 
 
 def random_images(n=12, size=64, seed=0):
@@ -132,6 +132,14 @@ def test_amp_auto_takes_the_faster_and_bf16_warns_where_slower(monkeypatch, caps
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert r.meta["amp"] == expected
     assert ("bf16 runs slower than fp32 here" in capsys.readouterr().err) == warns
+
+
+def test_timing_the_amp_leaves_every_modules_own_mode(monkeypatch):
+    monkeypatch.setattr(measurement, "choose", lambda requested, device, step: step("fp32") or Choice("fp32"))
+    model = fine_tuned()
+    before = modes(model)
+    layer_probe.measure(model, [random_images(4, 32)], amp="auto", progress=False)
+    assert modes(model) == before and not before["layer1.0.bn1"] and before["layer1.0.bn2"]
 
 
 def test_an_imagenet_head_on_cifar_classes_warns_and_reports_no_top1(capsys):

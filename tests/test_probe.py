@@ -1,12 +1,12 @@
 import pytest
 import torch
-from conftest import batches, needs_compiler, no_hooks, stored_activations, trained_like
+from conftest import batches, fine_tuned, modes, needs_compiler, no_hooks, stored_activations, trained_like
 from torch import nn
 
 from layer_probe import stats
 from layer_probe.errors import LayerProbeError
 from layer_probe.models import build_model
-from layer_probe.probe import Probe, run_probe
+from layer_probe.probe import Probe, run_probe, top1
 from layer_probe.sites import find_sites
 
 
@@ -159,3 +159,11 @@ def test_non_finite_values_are_flagged_and_counted():
     assert counts["layer1.0.bn2"] == 0
     assert counts["layer2.0.bn1"] == 2 * 5 * 16 * 16  # one NaN channel: every element of it
     assert counts["layer2.0.bn2"] == 2 * 5 * 32 * 16 * 16  # the next conv spreads it everywhere
+
+
+def test_top1_leaves_every_modules_own_mode():
+    model = fine_tuned()
+    before = modes(model)
+    images, labels = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8), torch.randint(0, 10, (6,))
+    top1(model, images, labels, (0.5,) * 3, (0.25,) * 3)
+    assert modes(model) == before and not before["layer1.0.bn1"] and before["layer1.0.bn2"]

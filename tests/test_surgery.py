@@ -9,7 +9,7 @@ from layer_probe.models import build_model
 from layer_probe.sites import find_sites
 from layer_probe.probe import top1
 from layer_probe.surgery import deepen, identity_block, lesion, lesion_deltas
-from conftest import trained_like
+from conftest import fine_tuned, modes, trained_like
 
 
 def relu_input(seed=0, channels=16):
@@ -115,3 +115,12 @@ def test_identity_construction_under_each_bn_mode(arch):
     if arch == "plain8":
         assert batch.max_logit_diff > 1e-2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # running statistics untouched
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "plain8"])
+def test_lesion_deltas_leave_every_modules_own_mode(arch):
+    model = fine_tuned(arch)
+    before = modes(model)
+    images, labels = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8), torch.randint(0, 10, (6,))
+    lesion_deltas(model, find_sites(model).blocks, images, labels, (0.5,) * 3, (0.25,) * 3, progress=False)
+    assert modes(model) == before and not before["layer1.0.bn1"] and before["layer1.0.bn2"]

@@ -284,7 +284,7 @@ def test_bn_free_blocks_with_layer_scale(inline):
     branch = "blocks.{}" if inline else "blocks.{}.scale"
     layout = probe_all(model, STEM + [(branch.format(i), "branch_out", 1, i) for i in range(2)],
                        [(f"blocks.{i}", branch.format(i), None, "+", 1) for i in range(2)])
-    assert [s.tap for s in layout.sites] == ["", "+", "+"] if inline else ["", "", ""]
+    assert [s.tap for s in layout.sites] == (["", "+", "+"] if inline else ["", "", ""])
 
 
 @pytest.mark.parametrize("how, x_first", [("+", False), ("+", True), ("add_", False), ("add_", True),
@@ -446,3 +446,27 @@ def test_a_lesion_removes_f_only_where_a_module_produces_it(inline):
             assert torch.allclose(lesioned, model.fc(h.mean((2, 3))), atol=1e-6)
     assert cut.removable != inline  # inline: no module outputs F(x) alone, so the block is left in place
     assert inline == torch.equal(intact, lesioned)
+
+
+def test_gamma_predicts_the_std_at_bn_sites_only():
+    """A pre-activation block's F(x) is a conv's output: BN's γ says nothing about it, so its prediction is NaN."""
+    import math
+
+    from layer_probe.analysis import AnalysisConfig, analyze
+    from layer_probe.measurement import ProbeConfig
+
+    model = seeded(Net(PreActUnit(4, 4, 1), PreActUnit(4, 8, 2)))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (16,), generator=g)
+    config = AnalysisConfig(probe=ProbeConfig(batch_size=8), bootstrap=50, lesion_images=None)
+    analysis, _ = analyze(model, images, labels, (0.5,) * 3, (0.25,) * 3, config, progress=False)
+    assert [(s.name, math.isnan(s.gamma_std), math.isnan(s.z_var)) for s in analysis.sites] == [
+        ("bn", False, False), ("blocks.0.body.bn2", False, False), ("blocks.0.body.conv2", True, True),
+        ("blocks.1.body.bn2", False, False), ("blocks.1.body.conv2", True, True)]
+    bn = model.blocks[1].body.bn2.requires_grad_(False)  # sqrt(mean(γ²) + var(β)), by hand
+    assert analysis.sites[3].gamma_std == pytest.approx(
+        float((bn.weight.double().square().mean() + bn.bias.double().var(correction=0)).sqrt()))
+    assert all(math.isnan(b.gamma_std) for b in analysis.blocks) and not math.isnan(analysis.gamma_fit["z_var_median"])
+    table = analysis.sites_dataframe()  # sites.csv: a conv site keeps its bootstrap CI
+    assert table["std_low"].notna().all() and table["gamma_std"].isna().tolist() == [False, False, True, False, True]
