@@ -12,6 +12,7 @@ moved to the host while batches run. F(x) and x are read at the block's addition
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import batches
 from .errors import LayerProbeError
-from .sites import AT_ADDITION, Block, Hooks, Layout, Site, addition_op
+from .sites import AT_ADDITION, Block, Hooks, Layout, Site, addition_op, is_norm
 from . import stats
 from .stats import Moments
 
@@ -138,6 +139,22 @@ def bn_statistics(model: nn.Module, bn_mode: BNMode) -> Iterator[None]:
                     getattr(m, k).copy_(v)
 
 
+def _say_fixed_statistics(modules: dict[str, nn.Module], layout: Layout, bn_mode: BNMode) -> None:
+    """One warning line when some norm sites cannot follow `bn_mode`: torchvision's FrozenBatchNorm2d has no
+    batch-statistics mode, and a BN that tracks no running statistics normalises by each batch in eval mode too."""
+    norms = {s.name: modules[s.name] for s in layout.sites if s.name in modules and is_norm(modules[s.name])}
+    if bn_mode == "train":
+        fixed = [n for n, m in norms.items() if not isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        what = "have no batch-statistics mode and keep their fixed statistics"
+    else:
+        fixed = [n for n, m in norms.items()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None]
+        what = "track no running statistics and normalise by each batch"
+    if fixed:
+        print(f"warning: bn_mode={bn_mode!r}: {len(fixed)} of {len(norms)} norm site(s) {what} (e.g. {fixed[0]}, "
+              f"a {type(norms[fixed[0]]).__name__})", file=sys.stderr)
+
+
 class Probe:
     """Context manager that records the responses of `layout`'s sites while the model runs.
 
@@ -170,6 +187,7 @@ class Probe:
             if self.compiled:
                 self._compile()
             modules = dict(self.model.named_modules())
+            _say_fixed_statistics(modules, self.layout, self.bn_mode)
             readers: dict[tuple[str, int], list[Callable[[Tensor, Tensor], None]]] = {}
             for site in self.layout.sites:
                 self._add_site(modules, site, readers)

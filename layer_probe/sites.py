@@ -512,29 +512,35 @@ def _read(model: nn.Module, record: _Record) -> Layout:
         if len(residual) > 1:
             notes.append(f"{kind}: {call.name or 'the model'} runs {len(residual)} residual additions; each is "
                          f"taken as its own block ({call.name}:1 ... {call.name}:{len(residual)})")
-        if record.times_called[call.name] > 1 and residual:
-            notes.append(f"{kind}: {call.name} runs {record.times_called[call.name]} times in one forward pass; "
-                         "only its first call is probed")
+        # the model's own forward, or one running several additions (a loop over blocks), is no block itself:
+        # each block is then the outermost module below it that returned F(x), where one did
+        loop = len(residual) > 1 or call.parent == -1
         for k, (a, f) in enumerate(residual, 1):
             name = call.name if len(residual) == 1 else f"{call.name}:{k}"
             fx, x = a.operands[f], a.operands[1 - f]
             real = fx.real()
-            producer = next((r for r in real.returners if _within(calls, r, index)), None)
-            if producer is None:  # computed in the block's own forward: read at the addition
+            made = [r for r in real.returners if _within(calls, r, index)]  # calls returning F(x), innermost first
+            if not made:  # computed in the block's own forward: read at the addition
                 branch = name
                 extra.append(_Found(name, real, index, real.shape[1] if len(real.shape) > 1 else 1,
                                     _kernel_above(real), AT_ADDITION))
             else:
-                branch = calls[producer].name
+                branch = calls[made[0]].name
                 if branch not in by_name:
-                    extra.append(_Found(branch, real, producer, real.shape[1] if len(real.shape) > 1 else 1,
+                    extra.append(_Found(branch, real, made[0], real.shape[1] if len(real.shape) > 1 else 1,
                                         _kernel_above(real)))
             outer = [r for r in x.real().returners if _within(calls, r, index)]
             shortcut = calls[outer[-1]].name if outer and not any(x is i for i in call.inputs) else None
             block = Block(name, branch, True, shortcut, a.op, f, call.name, a.ordinal)
-            shape = call.inputs[0].shape if call.inputs else a.result.shape
-            blocks.append(_Placed(block, index, (fx, x), shape, a.result.shape))
+            owner, shape_in = (made[-1] if made else index, x.shape) if loop else (
+                index, call.inputs[0].shape if call.inputs else x.shape)
+            blocks.append(_Placed(block, owner, (fx, x), shape_in, a.result.shape))
     found = sorted(norms + extra, key=lambda s: s.value.seq)
+    for name in dict.fromkeys([f.name for f in found] + [p.block.module for p in blocks]):
+        if record.times_called.get(name, 0) > 1:  # a hook sees every call: one response would pool them all
+            raise LayerProbeError(f"{kind}: {name} runs {record.times_called[name]} times in one forward pass (shared "
+                                  "weights); its calls would pool into one response with no single place in network "
+                                  "order, so layer-probe does not probe it")
     if not blocks:
         if norms:
             notes.append(f"{kind}: no residual addition found in a forward pass; treated as a plain network whose "

@@ -312,6 +312,20 @@ def test_batch_norm_subclasses_are_sites(bn):
               [("blocks.0", "blocks.0.body.conv2.bn", None, "+", 0)])
 
 
+@pytest.mark.parametrize("bn, mode, fixed", [
+    (frozen_bn, "train", "have no batch-statistics mode and keep their fixed statistics (e.g. bn, a FrozenBatchNorm2d)"),
+    (lambda c: nn.BatchNorm2d(c, track_running_stats=False), "eval",
+     "track no running statistics and normalise by each batch (e.g. bn, a BatchNorm2d)"),
+    (nn.BatchNorm2d, "train", None), (nn.BatchNorm2d, "eval", None), (frozen_bn, "eval", None)])
+def test_norm_layers_that_cannot_follow_the_bn_mode_are_one_warning_line(capsys, bn, mode, fixed):
+    model = seeded(Net(NestedBlock(4, bn=bn), bn=bn))
+    layout = find_sites(model)
+    capsys.readouterr()
+    run_probe(model, layout, data(), bn_mode=mode, progress=False)
+    expected = f"warning: bn_mode={mode!r}: 3 of 3 norm site(s) {fixed}\n" if fixed else ""
+    assert capsys.readouterr().err == expected
+
+
 def test_timm_norm_act_is_read_before_its_activation():
     """A norm-act site is its BN value; when the block ends in one, F(x) is its activation's output."""
     timm_layers = pytest.importorskip("timm.layers")
@@ -376,6 +390,56 @@ def test_ambiguous_structure_is_one_warning_line_each(capsys):
                                        "block's input through 0 layer(s); the first was taken as F(x)\n")
     find_sites(seeded(Net(nn.Sequential(conv_bn(4, 4), nn.ReLU()))))
     assert capsys.readouterr().err.count("\n") == 1
+
+
+class LoopNet(nn.Module):
+    """The model's own forward runs the stem and loops over its blocks: `for b in self.blocks: x = relu(x + b(x))`."""
+
+    def __init__(self, c=4, n=3):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.blocks = nn.ModuleList(nn.Sequential(conv_bn(c, c), nn.ReLU(), conv_bn(c, c)) for _ in range(n))
+        self.fc = nn.LazyLinear(10)
+        self.seen = []
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        for b in self.blocks:
+            f = b(x)
+            self.seen.append((f.detach().clone(), x.detach().clone()))
+            x = F.relu(x + f)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_blocks_added_in_the_models_own_loop_are_the_modules_that_return_f(capsys):
+    model = seeded(LoopNet())
+    layout = find_sites(model)
+    assert sites(layout) == STEM + [(f"blocks.{i}.{j}.1", role, 1, i) for i in range(3)
+                                    for j, role in ((0, "inner"), (2, "branch_out"))]
+    assert blocks(layout) == [(f":{i + 1}", f"blocks.{i}.2.1", None, "+", 1) for i in range(3)]
+    assert "runs 3 residual additions" in capsys.readouterr().err
+    model.seen.clear()
+    rec = run_probe(model, layout, data(), ratios=True, progress=False).recording
+    for i, b in enumerate(layout.blocks):  # the model stored each block's (F(x), x) in turn, three per batch
+        f, x = (torch.cat([s[k] for s in model.seen[i::3]]).flatten(1).double() for k in (0, 1))
+        torch.testing.assert_close(rec.blocks[b.name].ratio(), f.norm(dim=1) / x.norm(dim=1), rtol=1e-5, atol=0)
+    check_stds(model, layout, rec)
+
+
+def test_a_layer_run_twice_in_one_forward_pass_is_refused_in_one_line():
+    class Twice(nn.Module):  # one block applied twice: shared weights
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.block = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), ConvBlock(4, 4)
+
+        def forward(self, x):
+            x = F.relu(self.bn(self.conv(x)))
+            x = x + self.block(x)
+            return x + self.block(x)
+
+    with pytest.raises(LayerProbeError, match=r"^Twice: block.bn runs 2 times in one forward pass \(shared weights\); "
+                                              r"its calls would pool into one response"):
+        find_sites(Twice())
 
 
 def test_nothing_to_probe_and_a_failing_forward_are_one_line_errors():
