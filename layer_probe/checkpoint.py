@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, repository_root
-from .errors import LayerProbeError
+from .errors import LayerProbeError, first_line
 from .files import atomic_path
 from .models import MODELS, build_model, is_cifar
 
@@ -112,9 +112,9 @@ def torch_load(path: str | Path) -> Any:
                                   "code; only tensors and plain containers are accepted") from None
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
         raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint (corrupt or not a pickle: "
-                              f"{reason.group(1).strip() if reason else _first_line(e)})") from None
+                              f"{reason.group(1).strip() if reason else first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged files
-        raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise LayerProbeError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first_line(e)})") from None
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def _read_safetensors(path: str | Path) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise LayerProbeError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise LayerProbeError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def strip_prefixes(state: dict[str, Tensor], expected: set[str] | None = None) -> dict[str, Tensor]:
@@ -295,10 +295,6 @@ def _check_fit(path: str | Path, model: nn.Module, state: dict[str, Tensor], arc
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise LayerProbeError(f"{path}: {len(nonfinite)} tensor(s) hold NaN or Inf, e.g. {nonfinite[0]}")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 FIG7 = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")  # the five networks of Fig. 7, as shipped

@@ -12,3 +12,8 @@ class LayerProbeError(Exception):
 
     def __init__(self, message: str):
         super().__init__(re.sub(r"\s*\n\s*", " ", str(message).strip()))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of another library's exception (at most 200 characters), to quote in a one-line message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

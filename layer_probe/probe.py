@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .data import batches
-from .errors import LayerProbeError
+from .errors import LayerProbeError, first_line
 from .sites import AT_ADDITION, Block, Hooks, Layout, Site, addition_op, is_norm
 from . import stats
 from .stats import Moments
@@ -235,8 +235,7 @@ class Probe:
                 if self.ratios:
                     stats.fused(pair_norms)(x, x)
         except Exception as e:  # torch.compile raises many kinds: no compiler, no Triton, ...
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise LayerProbeError(f"compiled statistics: torch.compile failed on {device.type} ({reason}); "
+            raise LayerProbeError(f"compiled statistics: torch.compile failed on {device.type} ({first_line(e)}); "
                                   f"measure without them (compiled=False; on the command line, drop --compile)") from None
         finally:
             quiet.setLevel(level)

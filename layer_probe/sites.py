@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import LayerProbeError
+from .errors import LayerProbeError, first_line
 
 Role = Literal["stem", "inner", "branch_out", "shortcut"]
 SiteRule = str  # "3x3", "all-bn", or a regular expression over site names
@@ -377,7 +377,7 @@ def _record(model: nn.Module, example: Tensor | None) -> _Record:
                     with torch.no_grad(), recorder:
                         model(x)
                 except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported below
-                    failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {_first_line(e)}")
+                    failures.append(f"{tuple(x.shape)}: {type(e).__name__}: {first_line(e)}")
                     continue
             first: dict[str, int] = {}
             times: dict[str, int] = {}
@@ -606,7 +606,3 @@ def _number(found: list[_Found], blocks: list[_Placed], calls: list[_Call]) -> t
             role = "shortcut"
         sites.append(Site(k, f.name, role, *numbers[i], f.channels, f.kernel, f.tap))
     return tuple(sites)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -24,7 +24,7 @@ from .data import batches
 from .errors import LayerProbeError
 from .models import BasicBlock, CifarNet
 from .probe import BNMode, Hooks, bn_statistics, hits, top1
-from .sites import Block
+from .sites import Block, find_sites
 
 
 @dataclass
@@ -185,6 +185,5 @@ def identity_check(model: CifarNet, arch: str, extra_blocks: int, images: Tensor
             diff = max(diff, float((a - b).abs().max()))
             wrong += len(y) - int(hits(a, y))
             deep_wrong += len(y) - int(hits(b, y))
-    depth = 6 * len(model.layer1) + 2
-    return IdentityCheck(arch, depth, depth + 6 * extra_blocks, bn_mode, diff, 100.0 * wrong / len(labels),
-                         100.0 * deep_wrong / len(labels))
+    return IdentityCheck(arch, find_sites(model, quiet=True).depth, find_sites(deep, quiet=True).depth, bn_mode, diff,
+                         100.0 * wrong / len(labels), 100.0 * deep_wrong / len(labels))
