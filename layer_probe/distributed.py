@@ -116,7 +116,8 @@ class Processes:
                 blocks[b] = BlockNorms([f], [x], [cos])
         counts = self.sum(torch.tensor([result.images, result.correct, result.labelled], device=self.device)).tolist()
         return PassResult(Recording(rec.layout, {n: [m] for n, m in zip(names, per_site)},
-                                    {n: [c] for n, c in zip(names, nonfinite)}, blocks), *counts, result.outputs)
+                                    {n: [c] for n, c in zip(names, nonfinite)}, blocks, rec.counted), *counts,
+                          result.outputs)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` inside DistributedDataParallel when there are other processes, else `model` itself."""

@@ -71,6 +71,7 @@ class Recording:
     batches: dict[str, list[Moments]]  # site name -> one [C] Moments per batch
     nonfinite: dict[str, list[Tensor]]  # site name -> per batch: NaN/Inf count, or a 0/1 flag (see Probe)
     blocks: dict[str, BlockNorms]  # block name -> norms (only when ratios were asked for)
+    counted: bool = False  # `nonfinite` holds counts; else 0/1 flags, which say only whether a batch had any
 
     def moments(self, name: str) -> Moments:
         """Per-channel moments of one site over all batches, [C]."""
@@ -176,7 +177,7 @@ class Probe:
         self.model, self.layout, self.bn_mode, self.ratios = model, layout, bn_mode, ratios
         self.count_nonfinite, self.compiled = count_nonfinite, compiled
         self.recording = Recording(layout, {s.name: [] for s in layout.sites}, {s.name: [] for s in layout.sites},
-                                   {b.name: BlockNorms() for b in layout.blocks} if ratios else {})
+                                   {b.name: BlockNorms() for b in layout.blocks} if ratios else {}, count_nonfinite)
         self._hooks = Hooks()
         self._statistics = ExitStack()
         self._additions: _AtAdditions | None = None

@@ -172,6 +172,9 @@ def summarize(result: PassResult, *, axes: Axes = "all", meta: dict[str, Any] | 
                                        per_channel[n].std().mean()]) for n in per_channel]).cpu().tolist()
     channel_std = {n: tuple(m.std().cpu().tolist()) for n, m in per_channel.items()}
     nonfinite = {n: int(sum(int(c) for c in rec.nonfinite[n])) for n in per_channel}
+    if not rec.counted and any(nonfinite.values()):  # flags per batch, not values: no count to report
+        raise LayerProbeError("the pass flagged non-finite values without counting them: run it with "
+                              "count_nonfinite=True (`measure` does so by itself)")
     stds = [v[0] if axes == "all" else v[3] for v in values]
     order = sorted(range(len(stds)), key=lambda i: (-_sortable(stds[i]), i))
     rank = {i: r for r, i in enumerate(order, 1)}

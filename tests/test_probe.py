@@ -7,6 +7,7 @@ from layer_probe import stats
 from layer_probe.errors import LayerProbeError
 from layer_probe.models import build_model
 from layer_probe.probe import Probe, run_probe, top1
+from layer_probe.results import summarize
 from layer_probe.sites import find_sites
 
 
@@ -159,6 +160,9 @@ def test_non_finite_values_are_flagged_and_counted():
     assert counts["layer1.0.bn2"] == 0
     assert counts["layer2.0.bn1"] == 2 * 5 * 16 * 16  # one NaN channel: every element of it
     assert counts["layer2.0.bn2"] == 2 * 5 * 32 * 16 * 16  # the next conv spreads it everywhere
+    assert summarize(exact)["layer2.0.bn1"].nonfinite == 2 * 5 * 16 * 16
+    with pytest.raises(LayerProbeError, match="flagged non-finite values without counting them"):
+        summarize(fast)  # two flags are not two values
 
 
 def test_top1_leaves_every_modules_own_mode():
