@@ -48,8 +48,9 @@ def template(question: str, lang: str) -> str:
 
 
 def fields(text: str) -> set[str]:
-    """The names of the values a template uses."""
-    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+    """The names of the values a template uses, those inside a choice's text included."""
+    return {found for _, name, spec, _ in string.Formatter().parse(text) if name
+            for found in {name} | fields(spec or "")}
 
 
 def plain(values: Mapping[str, object]) -> dict[str, object]:

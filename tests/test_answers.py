@@ -50,6 +50,10 @@ def test_both_languages_use_the_same_values(question):
     assert fields(template(question, "en")) == fields(template(question, "ko"))
 
 
+def test_fields_finds_the_values_inside_a_choice():
+    assert fields("{a:.2f} {b:?up by {c:.1%}|flat}.") == {"a", "b", "c"}
+
+
 @pytest.mark.parametrize("question", QUESTIONS)
 def test_both_languages_write_the_same_numbers(question):
     values = synthetic(fields(template(question, "en")))
