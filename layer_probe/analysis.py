@@ -504,12 +504,13 @@ def format_analysis(analysis: Analysis) -> str:
 
 def format_baselines(baselines: Sequence[Baseline]) -> str:
     """Trained against initialised: mean ||F(x)||/||x||, share below 0.5 and the decay exponent, per model and BN mode."""
-    lines = [f"{'model':<12} {'BN':<5} {'mean ‖F‖/‖x‖':>13} {'<0.5':>6} {'exponent':>9}   "
+    w = max([12] + [len(b.label) for b in baselines])
+    lines = [f"{'model':<{w}} {'BN':<5} {'mean ‖F‖/‖x‖':>13} {'<0.5':>6} {'exponent':>9}   "
              f"{'at init (batch statistics, mean of seeds)':<40}",
-             f"{'':<12} {'':<5} {'trained':>13} {'':>6} {'':>9}   {'mean':>6} {'<0.5':>6} {'exponent':>9}"]
+             f"{'':<{w}} {'':<5} {'trained':>13} {'':>6} {'':>9}   {'mean':>6} {'<0.5':>6} {'exponent':>9}"]
     for b in baselines:
         t, i = b.trained, b.init
-        lines.append(f"{b.label:<12} {b.bn_mode:<5} {t['mean_ratio']:>13.3f} {t['below_0.5']:>6.0%} "
+        lines.append(f"{b.label:<{w}} {b.bn_mode:<5} {t['mean_ratio']:>13.3f} {t['below_0.5']:>6.0%} "
                      f"{t['decay_exponent']:>9.2f}   {i['mean_ratio']:>6.3f} {i['below_0.5']:>6.0%} "
                      f"{i['decay_exponent']:>9.2f}")
     return "\n".join(lines)

@@ -171,7 +171,7 @@ def addition_op(func: Callable, args: tuple, kwargs: dict | None) -> str | None:
     return "torch.add" if func is torch.add else op
 
 
-_NOTED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()  # notes printed per model
+_NOTED: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary()  # notes printed per model class
 
 
 def list_sites(model: nn.Module, rule: SiteRule = "all-bn") -> list[str]:
@@ -190,9 +190,9 @@ def find_sites(model: nn.Module, example: Tensor | None = None, *, quiet: bool =
     record = _record(model, example)
     layout = _read(model, record)
     layout = replace(layout, depth=sum(s.role != "shortcut" for s in layout.sites) + 1)
-    said = _NOTED.setdefault(model, set())
+    said = _NOTED.setdefault(type(model), set())
     for note in () if quiet else layout.notes:
-        if note not in said:  # once per model: probing it every epoch need not repeat it
+        if note not in said:  # once per class: probing it every epoch, or its seeds one after another, says nothing new
             print(f"warning: {note}", file=sys.stderr)
             said.add(note)
     return layout

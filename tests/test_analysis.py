@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from layer_probe.analysis import (AnalysisConfig, Analysis, analyze, bootstrap_std, bootstrap_weights, closeness,
-                                  compare, gamma_std, resnet_vs_plain)
+from layer_probe.analysis import (AnalysisConfig, Analysis, Baseline, analyze, bootstrap_std, bootstrap_weights,
+                                  closeness, compare, format_baselines, gamma_std, resnet_vs_plain)
 from layer_probe.probe import run_probe
 from layer_probe.measurement import ProbeConfig
 from layer_probe.results import Responses, SiteResponse
@@ -294,3 +294,9 @@ def test_replicates_are_paired_by_recipe_and_seed_and_counted():
     counted = claims_by_seed(table).set_index("recipe")
     assert (counted.loc["faithful", "holds"], counted.loc["faithful", "tested"]) == (2, 3)
     assert counted.loc["faithful", "effect_min"] == -1.0 and counted.loc["fast", "tested"] == 1
+
+
+def test_the_baselines_table_keeps_its_columns_under_long_labels():
+    row = {"mean_ratio": 0.5, "below_0.5": 0.25, "decay_exponent": -0.4}
+    table = format_baselines([Baseline(label, "eval", 3, row, row, ()) for label in ("r20", "faithful/resnet20-seed2")])
+    assert [line.index(" eval ") for line in table.splitlines()[2:]] == [len("faithful/resnet20-seed2")] * 2

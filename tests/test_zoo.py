@@ -388,8 +388,20 @@ def test_ambiguous_structure_is_one_warning_line_each(capsys):
     find_sites(seeded(Net(NestedBlock(4), Doubled())))
     assert capsys.readouterr().err == ("warning: Net: in blocks.1, both operands of an addition (+) come from the "
                                        "block's input through 0 layer(s); the first was taken as F(x)\n")
-    find_sites(seeded(Net(nn.Sequential(conv_bn(4, 4), nn.ReLU()))))
-    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_note_is_printed_once_per_model_class(capsys):
+    class PlainNet(Net):
+        pass
+
+    class OtherNet(Net):
+        pass
+
+    for cls in (PlainNet, PlainNet, OtherNet):  # e.g. a network's seeds, then another architecture
+        find_sites(seeded(cls(nn.Sequential(conv_bn(4, 4), nn.ReLU()))))
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {kind}: no residual addition found in a forward pass; treated as a plain network whose blocks are "
+        "the modules holding its conv-BN layers" for kind in ("PlainNet", "OtherNet")]
 
 
 class LoopNet(nn.Module):
